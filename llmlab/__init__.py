@@ -1,0 +1,11 @@
+"""Local LLM Lab: shared code for the course notebooks, scripts and server.
+
+The usual path through the package::
+
+    from llmlab import backends, registry
+    spec = registry.resolve("smollm2-135m-instruct")   # a verified local file
+    model = backends.load(spec)                         # llama.cpp, transformers or remote
+    print(model.chat([{"role": "user", "content": "Hi!"}]).text)
+"""
+
+__version__ = "0.1.0"

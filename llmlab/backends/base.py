@@ -1,0 +1,150 @@
+"""The one interface every engine implements, and the result types it returns.
+
+Scripts, notebooks and the server only ever talk to a :class:`Backend`::
+
+    model = backends.load("smollm2-135m-instruct")
+    reply = model.chat([{"role": "user", "content": "Name a colour."}], max_tokens=16)
+    reply.text, reply.usage.completion_tokens, reply.timings.tokens_per_second
+    for chunk in model.stream_chat(messages):
+        print(chunk.text, end="")
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": "..."}
+
+
+@dataclass
+class GenerationParams:
+    """Sampling settings shared by all backends. ``temperature=0`` means greedy."""
+
+    max_tokens: int = 256
+    temperature: float = 0.7
+    top_p: float = 0.95
+    top_k: int = 40
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    repeat_penalty: float = 1.0
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> GenerationParams:
+        """Build from keyword arguments, rejecting names that are not sampling settings."""
+        unknown = set(kwargs) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise TypeError(f"Unknown generation parameter(s): {', '.join(sorted(unknown))}")
+        params = cls(**{k: v for k, v in kwargs.items() if v is not None})
+        if isinstance(params.stop, str):
+            params.stop = [params.stop]
+        return params
+
+
+@dataclass
+class Usage:
+    """Token counts of one request, counted by the model's own tokenizer."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class Timings:
+    """Wall-clock figures of one request, in seconds."""
+
+    time_to_first_token: float = 0.0
+    total_seconds: float = 0.0
+    completion_tokens: int = 0
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Decode speed: tokens after the first, over the time after the first."""
+        decode = self.total_seconds - self.time_to_first_token
+        return (self.completion_tokens - 1) / decode if self.completion_tokens > 1 and decode > 0 else 0.0
+
+
+@dataclass
+class Result:
+    """A finished generation. ``finish_reason`` is ``stop``, ``length`` or ``interrupted``."""
+
+    text: str
+    finish_reason: str
+    usage: Usage
+    timings: Timings
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict, with tokens/s included."""
+        data = asdict(self)
+        data["timings"]["tokens_per_second"] = self.timings.tokens_per_second
+        return data
+
+
+@dataclass
+class Chunk:
+    """One streamed piece. The last chunk has ``finish_reason``, ``usage`` and ``timings`` set."""
+
+    text: str
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    timings: Timings | None = None
+
+
+class BackendError(Exception):
+    """A backend could not load or run a model; the message says what to do."""
+
+
+class Backend(ABC):
+    """A loaded (or lazily loadable) model behind one interface.
+
+    Implementations load their model on first use and free it in :meth:`close`; they can
+    be used as context managers.
+    """
+
+    name: str = "base"
+
+    @abstractmethod
+    def chat(self, messages: list[Message], **params: Any) -> Result:
+        """Reply to a conversation, using the model's own chat template."""
+
+    @abstractmethod
+    def stream_chat(self, messages: list[Message], **params: Any) -> Iterator[Chunk]:
+        """Like :meth:`chat`, yielding text pieces as they are decoded."""
+
+    @abstractmethod
+    def complete(self, prompt: str, **params: Any) -> Result:
+        """Continue raw text, with no chat template."""
+
+    @abstractmethod
+    def count_tokens(self, text: str) -> int:
+        """Number of tokens ``text`` takes with this model's tokenizer (no BOS added)."""
+
+    @abstractmethod
+    def info(self) -> dict[str, Any]:
+        """What is loaded: backend, model ref, path, context length, threads, device, dtype."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Free the model's memory. The object may be used again (it reloads)."""
+
+    @property
+    @abstractmethod
+    def context_length(self) -> int:
+        """The context window in tokens that requests must fit in."""
+
+    def stream_complete(self, prompt: str, **params: Any) -> Iterator[Chunk]:
+        """Streaming :meth:`complete`. The default yields the whole result as one chunk."""
+        result = self.complete(prompt, **params)
+        yield Chunk(result.text, result.finish_reason, result.usage, result.timings)
+
+    def __enter__(self) -> Backend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

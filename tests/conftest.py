@@ -1,0 +1,24 @@
+"""Shared test set-up: every test gets its own empty LLMLAB_HOME (as simonw/llm does with
+LLM_USER_PATH), so no test reads or writes the learner's real catalog, stores or transcripts."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Tests run offline: no hub look-ups, even where a library would try one.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")  # chromadb
+
+
+@pytest.fixture(autouse=True)
+def lab_home(tmp_path, monkeypatch):
+    """A fresh, empty LLMLAB_HOME for each test; returns its path."""
+    home = tmp_path / "llmlab-home"
+    home.mkdir()
+    monkeypatch.setenv("LLMLAB_HOME", str(home))
+    for var in ("LLMLAB_DEFAULT_MODEL", "LLMLAB_BACKEND", "LLMLAB_BASE_URL", "LLMLAB_API_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    return home
