@@ -67,7 +67,11 @@ class Timings:
     def tokens_per_second(self) -> float:
         """Decode speed: tokens after the first, over the time after the first."""
         decode = self.total_seconds - self.time_to_first_token
-        return (self.completion_tokens - 1) / decode if self.completion_tokens > 1 and decode > 0 else 0.0
+        return (
+            (self.completion_tokens - 1) / decode
+            if self.completion_tokens > 1 and decode > 0
+            else 0.0
+        )
 
 
 @dataclass
@@ -98,6 +102,36 @@ class Chunk:
 
 class BackendError(Exception):
     """A backend could not load or run a model; the message says what to do."""
+
+
+class ContextOverflowError(BackendError):
+    """The prompt plus ``max_tokens`` does not fit in the context window."""
+
+    def __init__(self, prompt_tokens: int, max_tokens: int, context_length: int):
+        self.prompt_tokens = prompt_tokens
+        self.max_tokens = max_tokens
+        self.context_length = context_length
+        self.over = prompt_tokens + max_tokens - context_length
+        super().__init__(
+            f"The request needs {prompt_tokens} prompt + {max_tokens} reply tokens = "
+            f"{prompt_tokens + max_tokens}, which is {self.over} over the context window of "
+            f"{context_length} tokens. Use a shorter prompt (or fewer history turns), a smaller "
+            "--max-tokens, or a larger --ctx (LLMLAB_N_CTX)."
+        )
+
+
+def collect(chunks: Iterator[Chunk]) -> Result:
+    """Join a stream of chunks into one :class:`Result` (its last chunk carries the totals)."""
+    parts: list[str] = []
+    last = Chunk("")
+    for last in chunks:
+        parts.append(last.text)
+    return Result(
+        "".join(parts),
+        last.finish_reason or "stop",
+        last.usage or Usage(),
+        last.timings or Timings(),
+    )
 
 
 class Backend(ABC):

@@ -1,0 +1,272 @@
+"""What the in-process engines (llama.cpp, transformers) share: lazy loading, the request
+loop with stop strings, context checks, timings, and the token-level API the lessons use.
+
+An engine subclass only supplies loading, tokenizing, the chat template and a
+``_steps`` generator that decodes one token per step::
+
+    model = backends.load("smollm2-135m-instruct", backend="llama.cpp")
+    ids = model.tokenize("Hello")
+    logits = model.next_token_logits(ids)         # numpy float32, one per vocabulary entry
+    model.token_piece(int(logits.argmax()))       # the greedy next token as text
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from abc import abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from llmlab.backends.base import (
+    Backend,
+    BackendError,
+    Chunk,
+    ContextOverflowError,
+    GenerationParams,
+    Message,
+    Result,
+    Timings,
+    Usage,
+    collect,
+)
+from llmlab.registry import ModelSpec
+from llmlab.settings import Settings, get_settings
+
+
+@dataclass
+class Step:
+    """One decoding step of an engine: new text, completion tokens so far, and on the
+    last step why it ended (``stop``: end-of-turn token, ``length``: ``max_tokens``)."""
+
+    text: str
+    tokens: int
+    finish: str | None = None
+
+
+class StopMatcher:
+    """Cuts streamed text at the first stop string, holding back text that could be the
+    start of one so a stop string split over two tokens is never shown."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.buffer = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Add ``text``; return what is safe to show and whether a stop string was hit."""
+        self.buffer += text
+        if not self.stops:
+            out, self.buffer = self.buffer, ""
+            return out, False
+        hits = [i for i in (self.buffer.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.buffer = self.buffer[: min(hits)], ""
+            return out, True
+        hold = 0
+        for stop in self.stops:
+            for n in range(min(len(stop) - 1, len(self.buffer)), 0, -1):
+                if self.buffer.endswith(stop[:n]):
+                    hold = max(hold, n)
+                    break
+        cut = len(self.buffer) - hold
+        out, self.buffer = self.buffer[:cut], self.buffer[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        """Text still held back when generation ends without a stop string."""
+        out, self.buffer = self.buffer, ""
+        return out
+
+
+class LocalBackend(Backend):
+    """A model run in this process, loaded on first use and freed by :meth:`close`."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        *,
+        n_ctx: int | None = None,
+        threads: int | None = None,
+        settings: Settings | None = None,
+    ):
+        if spec.path is None:
+            raise ValueError("spec has no local path; pass a spec from registry.resolve()")
+        self.spec = spec
+        self.settings = settings or get_settings()
+        self.n_ctx = n_ctx or self.settings.n_ctx
+        self.threads = threads or self.settings.threads
+        # One request at a time per model; re-entrant so a consumer that abandons a stream
+        # in the same thread can still make the next request.
+        self._lock = threading.RLock()
+
+    # --- engine hooks -------------------------------------------------------------
+
+    @property
+    @abstractmethod
+    def loaded(self) -> bool:
+        """Whether the weights are in memory now."""
+
+    @abstractmethod
+    def _load(self) -> None:
+        """Load weights and tokenizer (called once before first use, and after close)."""
+
+    @abstractmethod
+    def _unload(self) -> None:
+        """Drop every reference to the weights."""
+
+    @abstractmethod
+    def _encode(self, text: str, add_bos: bool, special: bool) -> list[int]:
+        """Token ids of ``text``; ``special`` parses control tokens such as ``<|im_start|>``."""
+
+    @abstractmethod
+    def _steps(self, prompt_ids: list[int], params: GenerationParams) -> Iterator[Step]:
+        """Decode after ``prompt_ids`` until an end-of-turn token or ``max_tokens``.
+        Closing the generator must stop decoding and leave the model reusable."""
+
+    @abstractmethod
+    def _logits(self, ids: list[int]) -> np.ndarray:
+        """Logits for the token after ``ids``, computed from scratch (no cached state)."""
+
+    @abstractmethod
+    def _render_chat(self, messages: list[Message], add_generation_prompt: bool) -> str:
+        """The model's own chat template applied to ``messages``."""
+
+    # --- lifecycle ----------------------------------------------------------------
+
+    def ensure_loaded(self) -> None:
+        """Load the model now if it is not in memory (the first request does this anyway)."""
+        with self._lock:
+            if not self.loaded:
+                self._load()
+
+    def close(self) -> None:
+        """Free the weights; the next request loads them again."""
+        with self._lock:
+            if self.loaded:
+                self._unload()
+            _free_memory()
+
+    @property
+    def context_length(self) -> int:
+        return self.n_ctx
+
+    # --- token-level API (lessons on tokens, logits and templates) -------------------
+
+    def tokenize(self, text: str, add_bos: bool = False) -> list[int]:
+        """Token ids of plain ``text`` (control-token names are not parsed as such)."""
+        self.ensure_loaded()
+        return self._encode(text, add_bos=add_bos, special=False)
+
+    def next_token_logits(self, ids: list[int]) -> np.ndarray:
+        """float32 scores over the vocabulary for the token that follows ``ids``."""
+        if not ids:
+            raise ValueError("next_token_logits needs at least one token id")
+        with self._lock:
+            self.ensure_loaded()
+            self._check_fits(len(ids), 0)
+            return np.asarray(self._logits(list(ids)), dtype=np.float32)
+
+    def apply_chat_template(
+        self, messages: list[Message], add_generation_prompt: bool = True
+    ) -> str:
+        """The exact prompt text the model sees for ``messages`` (its own chat template)."""
+        self.ensure_loaded()
+        return self._render_chat(messages, add_generation_prompt)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenize(text))
+
+    # --- requests -----------------------------------------------------------------
+
+    def chat(self, messages: list[Message], **params: Any) -> Result:
+        return collect(self.stream_chat(messages, **params))
+
+    def complete(self, prompt: str, **params: Any) -> Result:
+        return collect(self.stream_complete(prompt, **params))
+
+    def stream_chat(self, messages: list[Message], **params: Any) -> Iterator[Chunk]:
+        gen = GenerationParams.from_kwargs(**params)
+
+        def prompt_ids() -> list[int]:
+            # The template writes BOS itself where the model wants one (as transformers does).
+            return self._encode(self._render_chat(messages, True), add_bos=False, special=True)
+
+        return self._run(prompt_ids, gen)
+
+    def stream_complete(self, prompt: str, **params: Any) -> Iterator[Chunk]:
+        gen = GenerationParams.from_kwargs(**params)
+        return self._run(lambda: self._encode(prompt, add_bos=True, special=False), gen)
+
+    def _check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
+        if prompt_tokens + max_tokens > self.context_length:
+            raise ContextOverflowError(prompt_tokens, max_tokens, self.context_length)
+
+    def _run(self, make_ids, params: GenerationParams) -> Iterator[Chunk]:
+        # Load, tokenize and check the context before the first next(), so errors surface
+        # where the stream is created rather than half-way through a loop.
+        with self._lock:
+            self.ensure_loaded()
+            ids = make_ids()
+        self._check_fits(len(ids), params.max_tokens)
+        return self._generate(ids, params)
+
+    def _generate(self, ids: list[int], params: GenerationParams) -> Iterator[Chunk]:
+        with self._lock:
+            start = time.perf_counter()
+            first = None
+            tokens = 0
+            finish = "interrupted"
+            matcher = StopMatcher(params.stop)
+            steps = self._steps(ids, params)
+            try:
+                for step in steps:
+                    if first is None and step.tokens:
+                        first = time.perf_counter() - start
+                    tokens = step.tokens
+                    text, hit = matcher.feed(step.text)
+                    if hit:
+                        finish = "stop"
+                    elif step.finish:
+                        finish = step.finish
+                        text += matcher.flush()
+                    if text:
+                        yield Chunk(text)
+                    if hit or step.finish:
+                        break
+            except KeyboardInterrupt:
+                finish = "interrupted"  # Ctrl-C ends the reply; the caller keeps what came so far
+            finally:
+                steps.close()
+            total = time.perf_counter() - start
+            timings = Timings(first if first is not None else total, total, tokens)
+            yield Chunk("", finish, Usage(len(ids), tokens), timings)
+
+
+def _free_memory() -> None:
+    import gc
+
+    gc.collect()
+    try:
+        import torch
+    except ImportError:
+        return
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        torch.mps.empty_cache()
+
+
+def wrap_load_error(spec: ModelSpec, engine: str, exc: Exception) -> BackendError:
+    """A loader exception turned into a message that says what to do."""
+    fix = (
+        "Re-add it with the right file (python part5/model_registry.py add ...)"
+        if spec.user
+        else f"Reinstall or re-pull it (python part5/model_registry.py pull {spec.ref})"
+    )
+    return BackendError(
+        f"{engine} could not load {spec.ref} from {spec.path}: {exc}. The file may be corrupt, "
+        f"truncated or a format {engine} does not support. {fix}, or try another --backend."
+    )

@@ -1,0 +1,295 @@
+"""The transformers engine: loads the same GGUF file into PyTorch (dequantized), fp32 on
+CPU and fp16 on a GPU, optionally re-quantized with bitsandbytes to 8-bit or 4-bit::
+
+    from llmlab.backends.transformers_backend import TransformersBackend
+    from llmlab import registry
+    model = TransformersBackend(registry.resolve(), quantization="8bit")
+    model.chat([{"role": "user", "content": "Hi"}], max_tokens=16).text
+
+bitsandbytes cannot quantize while reading a GGUF file, so for 8-bit / 4-bit the
+dequantized model is saved once as a plain checkpoint in
+``$LLMLAB_HOME/models/<name>/<tag>/hf-checkpoint`` and loaded from there.
+Replies stream through a ``TextIteratorStreamer`` fed by ``generate`` in a thread; text
+arrives word by word, so time to first token includes the rest of the first word.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llmlab.backends.base import BackendError, GenerationParams, Message
+from llmlab.backends.local import LocalBackend, Step, wrap_load_error
+from llmlab.hardware import pick_device
+from llmlab.registry import ModelSpec
+from llmlab.settings import Settings
+
+QUANTIZATIONS = ("8bit", "4bit")
+# Control tokens that end a turn in common chat formats; those present in a vocabulary are
+# stop tokens (llama.cpp applies the same rule, so both engines stop at the same place).
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|endoftext|>", "<|end|>", "</s>")
+
+
+class TransformersBackend(LocalBackend):
+    """A model run by Hugging Face transformers on PyTorch."""
+
+    name = "transformers"
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        *,
+        n_ctx: int | None = None,
+        threads: int | None = None,
+        device: str | None = None,
+        quantization: str | None = None,
+        settings: Settings | None = None,
+    ):
+        super().__init__(spec, n_ctx=n_ctx, threads=threads, settings=settings)
+        if quantization not in (None, "none", *QUANTIZATIONS):
+            raise ValueError(
+                f"Unknown quantization {quantization!r}. Use one of: none, 8bit, 4bit."
+            )
+        self.quantization = None if quantization == "none" else quantization
+        self.device = pick_device(device or self.settings.device)
+        self.model = None
+        self.tokenizer = None
+        self._stop_ids: list[int] = []
+
+    @property
+    def loaded(self) -> bool:
+        return self.model is not None
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """Where the plain (non-GGUF) checkpoint for bitsandbytes is cached."""
+        return self.settings.models_dir / self.spec.name / self.spec.tag / "hf-checkpoint"
+
+    def _dtype(self):
+        import torch
+
+        return torch.float32 if self.device == "cpu" else torch.float16
+
+    def _load(self) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        torch.set_num_threads(self.threads)
+        path = Path(self.spec.path)
+        try:
+            if self.quantization:
+                self._load_quantized(path)
+            else:
+                gguf = {"gguf_file": path.name} if path.suffix == ".gguf" else {}
+                folder = path.parent if gguf else path
+                self.tokenizer = AutoTokenizer.from_pretrained(folder, **gguf)
+                model = AutoModelForCausalLM.from_pretrained(folder, dtype=self._dtype(), **gguf)
+                self.model = model.to(self.device).eval()
+        except ImportError as exc:
+            raise BackendError(f"{exc}. Run: pip install -r requirements.txt") from exc
+        except (ValueError, RuntimeError, OSError, KeyError) as exc:
+            self.model = self.tokenizer = None
+            raise wrap_load_error(self.spec, "transformers", exc) from exc
+        self._stop_ids = self._find_stop_ids()
+
+    def _load_quantized(self, path: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+        if not (self.checkpoint_dir / "config.json").exists():
+            self._write_checkpoint(path)
+        if self.quantization == "8bit":
+            config = BitsAndBytesConfig(load_in_8bit=True)
+        else:
+            config = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=self._dtype()
+            )
+        self.tokenizer = AutoTokenizer.from_pretrained(self.checkpoint_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            self.checkpoint_dir,
+            quantization_config=config,
+            dtype=self._dtype(),
+            device_map={"": self.device},
+        ).eval()
+
+    def _write_checkpoint(self, path: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        folder, gguf = (path.parent, path.name) if path.suffix == ".gguf" else (path, None)
+        kwargs = {"gguf_file": gguf} if gguf else {}
+        tmp = self.checkpoint_dir.with_name("hf-checkpoint.partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=self._dtype(), **kwargs)
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(folder, **kwargs).save_pretrained(tmp)
+        del model
+        shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
+        tmp.rename(self.checkpoint_dir)  # only a complete checkpoint ever has the final name
+
+    def _find_stop_ids(self) -> list[int]:
+        ids: set[int] = set()
+        for source in (self.model.generation_config.eos_token_id, self.tokenizer.eos_token_id):
+            if source is not None:
+                ids.update(source if isinstance(source, list) else [source])
+        vocab = self.tokenizer.get_vocab()
+        ids.update(vocab[t] for t in END_OF_TURN if t in vocab)
+        return sorted(ids)
+
+    def _unload(self) -> None:
+        self.model = None
+        self.tokenizer = None
+
+    # --- tokens -------------------------------------------------------------------
+
+    def _encode(self, text: str, add_bos: bool, special: bool) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=add_bos, split_special_tokens=not special)[
+            "input_ids"
+        ]
+
+    def detokenize(self, ids: list[int]) -> str:
+        """Text of ``ids`` (control tokens such as ``<|im_end|>`` included)."""
+        self.ensure_loaded()
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+    def token_piece(self, token_id: int) -> str:
+        """The text of one token, with its leading space if it has one."""
+        self.ensure_loaded()
+        return self.tokenizer.decode([int(token_id)], clean_up_tokenization_spaces=False)
+
+    @property
+    def vocab_size(self) -> int:
+        self.ensure_loaded()
+        return int(self.model.config.vocab_size)
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """The model's end-of-sequence token id(s), as its config states them."""
+        self.ensure_loaded()
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        return sorted(eos if isinstance(eos, list) else [eos]) if eos is not None else []
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        """Every token that ends a reply: the end-of-sequence ids plus end-of-turn tokens."""
+        self.ensure_loaded()
+        return list(self._stop_ids)
+
+    def _logits(self, ids: list[int]) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            out = self.model(torch.tensor([ids], device=self.model.device))
+        return out.logits[0, -1].float().cpu().numpy()
+
+    # --- chat template ------------------------------------------------------------
+
+    def _render_chat(self, messages: list[Message], add_generation_prompt: bool) -> str:
+        if not self.tokenizer.chat_template:
+            raise BackendError(
+                f"{self.spec.ref} has no chat template, so it is not a chat model. Use "
+                "complete() (or --raw) instead of chat."
+            )
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    # --- decoding -----------------------------------------------------------------
+
+    def _steps(self, prompt_ids: list[int], params: GenerationParams) -> Iterator[Step]:
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+        if params.max_tokens <= 0:
+            yield Step("", 0, "length")
+            return
+        stop_ids = set(self._stop_ids)
+        cancel = threading.Event()
+
+        class CountingStreamer(TextIteratorStreamer):
+            """Also counts generated tokens (text arrives per word, tokens one at a time)."""
+
+            tokens = 0
+            hit_stop = False
+
+            def put(self, value):
+                if not self.next_tokens_are_prompt:
+                    for token in value.reshape(-1).tolist():
+                        if token in stop_ids:
+                            self.hit_stop = True
+                        else:
+                            self.tokens += 1
+                super().put(value)
+
+        class Cancelled(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool)
+
+        streamer = CountingStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        greedy = params.temperature <= 0
+        kwargs: dict[str, Any] = {
+            "input_ids": torch.tensor([prompt_ids], device=self.model.device),
+            "attention_mask": torch.ones(
+                (1, len(prompt_ids)), dtype=torch.long, device=self.model.device
+            ),
+            "max_new_tokens": params.max_tokens,
+            "do_sample": not greedy,
+            "eos_token_id": self._stop_ids,
+            "pad_token_id": self._stop_ids[0] if self._stop_ids else None,
+            "repetition_penalty": params.repeat_penalty,
+            "streamer": streamer,
+            "stopping_criteria": StoppingCriteriaList([Cancelled()]),
+        }
+        if greedy:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        else:
+            kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
+            if params.seed is not None:
+                torch.manual_seed(params.seed)
+        errors: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                with torch.inference_mode():
+                    self.model.generate(**kwargs)
+            except BaseException as exc:  # reported in the caller's thread below
+                errors.append(exc)
+                streamer.end()
+
+        thread = threading.Thread(target=work, name="llmlab-generate", daemon=True)
+        thread.start()
+        try:
+            for text in streamer:
+                yield Step(text, streamer.tokens)
+            if errors:
+                raise BackendError(f"transformers generation failed: {errors[0]}") from errors[0]
+            finish = (
+                "stop" if streamer.hit_stop or streamer.tokens < params.max_tokens else "length"
+            )
+            yield Step("", streamer.tokens, finish)
+        finally:
+            cancel.set()  # a consumer that stops early ends generate() at the next token
+            thread.join()
+
+    def info(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "backend": self.name,
+            "model": self.spec.ref,
+            "path": str(self.spec.path),
+            "context_length": self.context_length,
+            "threads": self.threads,
+            "device": self.device,
+            "dtype": str(self._dtype()).removeprefix("torch."),
+            "quantization": self.quantization or "none",
+            "loaded": self.loaded,
+        }
+        if self.loaded:
+            data["vocab_size"] = self.vocab_size
+            data["parameters"] = sum(p.numel() for p in self.model.parameters())
+            data["memory_bytes"] = self.model.get_memory_footprint()
+        return data

@@ -1,0 +1,135 @@
+"""Backend selection, errors and the shared streaming helpers, without loading a model."""
+
+from __future__ import annotations
+
+import pytest
+
+from llmlab import backends
+from llmlab.backends.base import Chunk, ContextOverflowError, Timings, Usage, collect
+from llmlab.backends.local import StopMatcher
+from llmlab.registry import ModelSpec, Source
+
+
+def feed_all(stops: list[str], pieces: list[str]) -> tuple[str, bool]:
+    matcher = StopMatcher(stops)
+    shown = []
+    for piece in pieces:
+        text, hit = matcher.feed(piece)
+        shown.append(text)
+        if hit:
+            return "".join(shown), True
+    return "".join(shown) + matcher.flush(), False
+
+
+def test_stop_string_split_over_pieces_is_never_shown():
+    assert feed_all(["\nUser:"], ["Hello", " there\n", "Us", "er: more"]) == ("Hello there", True)
+
+
+def test_text_that_only_looks_like_a_stop_start_is_released():
+    assert feed_all(["STOP"], ["a S", "T", "x b"]) == ("a STx b", False)
+
+
+def test_no_stop_strings_passes_text_through():
+    matcher = StopMatcher([])
+    assert matcher.feed("abc") == ("abc", False)
+
+
+def test_earliest_of_several_stop_strings_wins():
+    assert feed_all(["world", "lo"], ["hello world"]) == ("hel", True)
+
+
+@pytest.mark.parametrize(
+    "alias, expected",
+    [
+        ("llama.cpp", "llama.cpp"),
+        ("llamacpp", "llama.cpp"),
+        ("llama_cpp", "llama.cpp"),
+        ("transformers", "transformers"),
+        ("HF", "transformers"),
+        ("openai", "openai"),
+        ("remote", "openai"),
+        ("auto", "auto"),
+        (None, "auto"),
+    ],
+)
+def test_backend_aliases(alias, expected):
+    assert backends.canonical_backend(alias) == expected
+
+
+def test_unknown_backend_lists_valid_names():
+    with pytest.raises(
+        ValueError, match=r"Unknown backend 'vllm'.*llama\.cpp.*transformers.*openai"
+    ):
+        backends.load(backend="vllm")
+
+
+def test_auto_picks_remote_when_a_base_url_is_given():
+    model = backends.load("some-model", base_url="http://127.0.0.1:9/v1")
+    assert model.name == "openai"
+    assert model.base_url == "http://127.0.0.1:9/v1"
+    assert model.model == "some-model"
+
+
+def test_auto_picks_remote_from_the_environment(monkeypatch):
+    monkeypatch.setenv("LLMLAB_BASE_URL", "http://127.0.0.1:9/v1")
+    assert backends.load().name == "openai"
+
+
+def test_auto_picks_llama_cpp_for_the_default_gguf_without_loading_it():
+    model = backends.load()
+    assert model.name == "llama.cpp"
+    assert model.loaded is False  # constructing is instant; the first request loads
+    assert model.info()["model"] == "smollm2-135m-instruct:q4_1"
+
+
+def test_llmlab_backend_setting_is_used_for_auto(monkeypatch):
+    monkeypatch.setenv("LLMLAB_BACKEND", "hf")
+    model = backends.load()
+    assert model.name == "transformers"
+    assert model.loaded is False
+
+
+def test_bitsandbytes_quantization_is_refused_for_llama_cpp():
+    with pytest.raises(ValueError, match="already quantized.*--backend transformers"):
+        backends.load(backend="llama.cpp", quantization="8bit")
+
+
+def test_unknown_quantization_is_refused():
+    with pytest.raises(ValueError, match="Use one of: none, 8bit, 4bit"):
+        backends.load(backend="transformers", quantization="3bit")
+
+
+def test_option_an_engine_does_not_take_is_named():
+    with pytest.raises(ValueError, match="llama.cpp backend does not take timeout"):
+        backends.load(backend="llama.cpp", timeout=3)
+
+
+def test_context_overflow_message_has_the_numbers_and_the_fixes():
+    err = ContextOverflowError(prompt_tokens=2000, max_tokens=256, context_length=2048)
+    assert err.over == 208
+    assert isinstance(err, backends.BackendError)
+    text = str(err)
+    assert "208 over" in text and "2048" in text
+    assert "--max-tokens" in text and "--ctx" in text
+
+
+def test_collect_joins_chunks_and_keeps_the_totals():
+    usage, timings = Usage(5, 2), Timings(0.1, 0.3, 2)
+    result = collect(iter([Chunk("Hel"), Chunk("lo"), Chunk("", "length", usage, timings)]))
+    assert (result.text, result.finish_reason) == ("Hello", "length")
+    assert result.usage.total_tokens == 7
+    assert result.to_dict()["timings"]["tokens_per_second"] == pytest.approx(5.0)
+
+
+def test_corrupt_user_model_file_gives_a_backend_error_saying_what_to_do(tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 64)
+    spec = ModelSpec(
+        name="broken", tag="local", user=True, source=Source(kind="path", path=str(bad))
+    )
+    model = backends.load(spec, backend="llama.cpp")
+    with pytest.raises(
+        backends.BackendError, match=r"could not load broken:local.*corrupt.*Re-add it"
+    ):
+        model.chat([{"role": "user", "content": "hi"}], max_tokens=2)
+    assert model.loaded is False
