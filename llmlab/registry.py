@@ -485,7 +485,11 @@ def hf_download_url(spec: ModelSpec, settings: Settings) -> tuple[str, dict[str,
     src = spec.source
     endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
     url = hf_hub_url(src.repo, src.file, revision=src.revision, endpoint=endpoint)
-    headers = build_hf_headers(token=settings.hf_token or None, library_name="llmlab")
+    from llmlab import __version__
+
+    headers = build_hf_headers(
+        token=settings.hf_token or None, library_name="llmlab", library_version=__version__
+    )
     return url, headers
 
 
