@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from llmlab import hardware
 from llmlab.settings import Settings, get_settings
@@ -186,10 +186,27 @@ def _read_catalog(path: Path, user: bool) -> list[ModelSpec]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or "cannot be parsed"
         raise RegistryError(
-            f"The catalog {path} is not valid YAML ({exc}). Fix or delete it."
+            f"The catalog {path} is not valid YAML ({where}{problem}). Fix or delete it."
         ) from exc
-    return [ModelSpec(**entry, user=user) for entry in data.get("models", [])]
+    specs = []
+    for number, entry in enumerate(data.get("models", []), start=1):
+        try:
+            specs.append(ModelSpec(**entry, user=user))
+        except (TypeError, ValidationError) as exc:
+            first = (
+                exc.errors()[0]
+                if isinstance(exc, ValidationError)
+                else {"loc": (), "msg": str(exc)}
+            )
+            field = ".".join(str(part) for part in first["loc"]) or "entry"
+            raise RegistryError(
+                f"Entry {number} of {path} is invalid ({field}: {first['msg']}). Fix or delete it."
+            ) from exc
+    return specs
 
 
 def catalog(settings: Settings | None = None) -> list[ModelSpec]:

@@ -253,9 +253,12 @@ def cmd_remove(args, settings) -> int:
 
 
 def cmd_recommend(args, settings) -> int:
-    memory = memory_info()
-    if args.available_ram is not None:
-        memory = MemoryInfo(memory.total_ram, int(args.available_ram * (1 << 30)))
+    if args.available_ram is not None:  # a what-if: no need to probe the GPU (imports torch)
+        import psutil
+
+        memory = MemoryInfo(psutil.virtual_memory().total, int(args.available_ram * (1 << 30)))
+    else:
+        memory = memory_info()
     rec = registry.recommend(
         settings, memory=memory, headroom=args.headroom, present_only=args.present
     )
