@@ -1,0 +1,99 @@
+"""The combined app: OpenAI-compatible API, document QA, batch jobs, metrics and the web page.
+
+Built by a factory, so tests and notebooks can make as many as they like::
+
+    from part5.combined_app import ServerSettings, create_app
+    app = create_app(ServerSettings(parallel=2, api_key="secret"))
+    # uvicorn.run(app, host="127.0.0.1", port=8000)   (scripts/server.py does this)
+
+The chat model loads in the lifespan hook, in a worker thread: the server accepts
+connections at once, ``GET /health`` says ``loading`` until the model is ready, and model
+routes answer 503 with ``Retry-After`` until then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
+
+from part5.combined_app.config import ServerSettings
+from part5.combined_app.errors import install_handlers
+from part5.combined_app.metrics import Metrics
+from part5.combined_app.middleware import LabMiddleware
+from part5.combined_app.routes import batches, documents, openai_api, system
+from part5.combined_app.service import ModelService
+
+STATIC = Path(__file__).resolve().parent / "static"
+log = logging.getLogger("llmlab.server")
+
+
+def create_app(settings: ServerSettings | None = None) -> FastAPI:
+    """A new app with its own model service, metrics and batch jobs (nothing loads until startup)."""
+    settings = settings or ServerSettings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        service: ModelService = app.state.service
+        loading = asyncio.get_running_loop().run_in_executor(None, service.load)
+        loading.add_done_callback(_log_load_result(service))
+        try:
+            yield
+        finally:
+            for job in app.state.batch_jobs.values():
+                job.cancel.set()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(loading), timeout=60)
+            service.close()
+
+    app = FastAPI(
+        title="Local LLM Lab server",
+        description="OpenAI-compatible API, document QA and batch jobs on a local model.",
+        version="1.0",
+        lifespan=lifespan,
+    )
+    service = ModelService(settings)
+    app.state.settings = settings
+    app.state.service = service
+    app.state.metrics = Metrics(queue_depth=service.queue_depth, busy_slots=service.busy_slots)
+    service.on_rejected = app.state.metrics.rejected.inc
+    app.state.batch_jobs = {}
+
+    install_handlers(app)
+    for router in (system.router, openai_api.router, documents.router, batches.router):
+        app.include_router(router)
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    # Added last, so it runs first: the key and size checks see every request.
+    app.add_middleware(LabMiddleware, settings=lambda: settings, metrics=lambda: app.state.metrics)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
+            expose_headers=["Retry-After", "X-LLMLab-JSON"],
+        )
+    return app
+
+
+def _log_load_result(service: ModelService):
+    def done(future: asyncio.Future) -> None:
+        if future.exception() is not None:
+            log.error("The model could not be loaded: %s", service.error)
+        else:
+            log.info("Model %s ready (%s slots)", service.model_id, service.settings.parallel)
+
+    return done

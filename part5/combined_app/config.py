@@ -1,0 +1,64 @@
+"""Server options, read from ``LLMLAB_SERVER_*`` environment variables or given directly::
+
+    from part5.combined_app.config import ServerSettings
+    settings = ServerSettings(port=8001, parallel=2, api_key="secret")
+
+``scripts/server.py`` turns its command-line flags into one of these.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from llmlab.settings import get_settings
+
+
+class ServerSettings(BaseSettings):
+    """Everything the served app can be told; each field is ``LLMLAB_SERVER_<FIELD>``."""
+
+    model_config = SettingsConfigDict(env_prefix="LLMLAB_SERVER_", env_file=None, extra="ignore")
+
+    host: str = Field("127.0.0.1", description="Interface to listen on (0.0.0.0: every one).")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0: any free one).")
+    model: str | None = Field(None, description="Chat model served (default: the lab's default).")
+    embedding_model: str | None = Field(None, description="Embedding model (default: the lab's).")
+    parallel: int = Field(4, ge=1, le=64, description="Sequences decoded together (engine slots).")
+    n_ctx: int | None = Field(None, ge=128, description="Context window per sequence in tokens.")
+    threads: int | None = Field(None, ge=1, description="CPU threads (default: every core).")
+    api_key: str | None = Field(
+        None,
+        validation_alias=AliasChoices("LLMLAB_SERVER_API_KEY", "LLMLAB_API_KEY", "api_key"),
+        description="If set, every route except /health and the page needs 'Bearer <key>'.",
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list, description="Browser origins allowed to call the API ('*': any)."
+    )
+    queue_size: int = Field(16, ge=1, description="Requests that may wait for a free slot.")
+    retry_after: int = Field(2, ge=1, description="Seconds a client is told to wait when full.")
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest JSON request body.")
+    max_upload_bytes: int = Field(20_000_000, ge=1024, description="Largest document upload.")
+    max_prompt_tokens: int | None = Field(
+        None, ge=1, description="Longest prompt in tokens (default: context minus max_tokens)."
+    )
+    max_tokens_limit: int = Field(1024, ge=1, description="Largest max_tokens a request may ask.")
+    default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request names none.")
+    max_batch_prompts: int = Field(1000, ge=1, description="Most prompts in one batch job.")
+    home: Path | None = Field(None, description="Lab home for uploads and batches (LLMLAB_HOME).")
+
+    @property
+    def lab_home(self) -> Path:
+        """The lab folder: this setting, else ``LLMLAB_HOME``."""
+        return self.home or get_settings().home
+
+    @property
+    def uploads_dir(self) -> Path:
+        """Uploaded documents, one folder per collection."""
+        return self.lab_home / "uploads"
+
+    @property
+    def batches_dir(self) -> Path:
+        """Batch jobs: one folder per job with its input and output JSON lines."""
+        return self.lab_home / "server-batches"

@@ -1,0 +1,1 @@
+"""The app's routes, one module per area: system (health, metrics), openai_api, documents, batches."""

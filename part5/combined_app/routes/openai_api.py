@@ -1,0 +1,436 @@
+"""The OpenAI-compatible routes: ``/v1/models``, ``/v1/chat/completions``, ``/v1/completions``,
+``/v1/embeddings``. Any OpenAI client works against them::
+
+    from openai import OpenAI
+    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
+    client.chat.completions.create(model="smollm2-135m-instruct",
+                                   messages=[{"role": "user", "content": "Hi"}])
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from sse_starlette import EventSourceResponse
+
+from llmlab import registry
+from llmlab.backends.base import Chunk, GenerationParams, Message, Usage
+from part5.combined_app import jsonmode
+from part5.combined_app.errors import APIError, error_body
+from part5.combined_app.metrics import Metrics
+from part5.combined_app.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    SamplingFields,
+)
+from part5.combined_app.service import Generation, ModelService
+
+router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
+
+MAX_EMBEDDING_INPUTS = 2048
+
+
+def _service(request: Request) -> ModelService:
+    return request.app.state.service
+
+
+def _metrics(request: Request) -> Metrics:
+    return request.app.state.metrics
+
+
+def _usage(usage: Usage | None) -> dict[str, int]:
+    usage = usage or Usage()
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+    }
+
+
+def _finish(reason: str | None) -> str:
+    return "length" if reason == "length" else "stop"
+
+
+def _refuse_unsupported(body: SamplingFields) -> None:
+    if body.n != 1:
+        raise APIError(400, "Only n=1 is supported: send one request per reply.", param="n")
+    if body.logprobs:
+        raise APIError(400, "logprobs are not supported by this server.", param="logprobs")
+
+
+def _params(body: SamplingFields, service: ModelService) -> GenerationParams:
+    max_tokens = (
+        body.max_completion_tokens or body.max_tokens or service.settings.default_max_tokens
+    )
+    return GenerationParams.from_kwargs(
+        max_tokens=max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        seed=body.seed,
+        stop=body.stop or [],
+        repeat_penalty=body.repeat_penalty,
+    )
+
+
+# --- models ------------------------------------------------------------------------------
+
+
+def _model_entries(service: ModelService) -> list[dict[str, Any]]:
+    created = int(time.time())
+    entries = [
+        {
+            "id": service.model_id,
+            "object": "model",
+            "created": created,
+            "owned_by": "llmlab",
+            "capabilities": ["chat", "completion"],
+            "ref": service.spec.ref if service.spec else None,
+            "context_length": service.engine.n_ctx if service.engine else None,
+        }
+    ]
+    try:
+        spec = registry.find(service.embedding_model_id)
+        entries.append(
+            {
+                "id": spec.name,
+                "object": "model",
+                "created": created,
+                "owned_by": "llmlab",
+                "capabilities": ["embeddings"],
+                "ref": spec.ref,
+            }
+        )
+    except registry.RegistryError:
+        pass  # no embedding model configured: /v1/embeddings says so when called
+    return entries
+
+
+@router.get("/models")
+async def list_models(request: Request) -> dict[str, Any]:
+    """The chat model this server serves and its embedding model."""
+    return {"object": "list", "data": _model_entries(_service(request))}
+
+
+@router.get("/models/{model_id:path}")
+async def get_model(model_id: str, request: Request) -> dict[str, Any]:
+    """One served model by id (or ``name:tag``)."""
+    for entry in _model_entries(_service(request)):
+        if model_id in (entry["id"], entry["ref"]):
+            return entry
+    raise APIError(
+        404,
+        f"Unknown model {model_id!r}. GET /v1/models lists the served ones.",
+        param="model",
+        code="model_not_found",
+    )
+
+
+# --- chat and text completions ---------------------------------------------------------------
+
+
+class _Timed:
+    """Feeds token counts and time to first token of one generation into the metrics."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+        self.started = time.perf_counter()
+        self.first = False
+
+    def chunk(self, chunk: Chunk) -> None:
+        if chunk.text and not self.first:
+            self.first = True
+            self.metrics.ttft.observe(time.perf_counter() - self.started)
+        if chunk.usage is not None:
+            self.metrics.count_tokens(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
+
+
+async def _collect(generation: Generation, timed: _Timed) -> tuple[str, Chunk]:
+    parts: list[str] = []
+    last = Chunk("")
+    try:
+        async for last in generation:
+            timed.chunk(last)
+            parts.append(last.text)
+    finally:
+        generation.cancel()  # no-op when finished; frees the slot if this task was cancelled
+    return "".join(parts), last
+
+
+async def _json_reply(
+    service: ModelService,
+    generation: Generation,
+    messages: list[Message],
+    params: GenerationParams,
+    timed: _Timed,
+) -> tuple[str, Chunk, str]:
+    """The reply as a JSON object string, its last chunk, and how it was made valid (jsonmode)."""
+    text, last = await _collect(generation, timed)
+    fixed, how = jsonmode.repair(text)
+    if how == "wrapped":  # no object at all: one greedy retry before wrapping the text
+        retry = service.submit(messages=messages, params=replace(params, temperature=0.0))
+        text2, last2 = await _collect(retry, timed)
+        fixed2, how2 = jsonmode.repair(text2)
+        if last.usage and last2.usage:
+            last2.usage = Usage(
+                last2.usage.prompt_tokens + last.usage.prompt_tokens,
+                last2.usage.completion_tokens + last.usage.completion_tokens,
+            )
+        if how2 != "wrapped":
+            return fixed2, last2, how2
+        last = last2
+    return fixed, last, how
+
+
+def _stream_response(
+    request: Request, events: AsyncIterator[dict[str, Any]], headers: dict[str, str] | None = None
+) -> EventSourceResponse:
+    return EventSourceResponse(events, headers=headers, ping=15, sep="\n")
+
+
+@router.post("/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    """A chat reply, whole or streamed as server-sent events in OpenAI's chunk format."""
+    service, metrics = _service(request), _metrics(request)
+    service.check_chat_model(body.model)
+    _refuse_unsupported(body)
+    if body.tools:
+        raise APIError(400, "Tool calls are not supported by this server.", param="tools")
+    try:
+        messages: list[Message] = [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            for m in body.messages
+        ]
+    except ValueError as exc:
+        raise APIError(400, f"Unsupported message content: {exc}.", param="messages") from exc
+    json_mode = body.response_format is not None and body.response_format.type == "json_object"
+    if json_mode:
+        messages = jsonmode.with_instruction(messages)
+    params = _params(body, service)
+    prompt_tokens = len(service.prompt_ids(messages=messages))
+    service.check_limits(prompt_tokens, params.max_tokens, "messages")
+    generation = service.submit(messages=messages, params=params)
+    timed = _Timed(metrics)
+    reply_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+    created = int(time.time())
+    model = service.model_id
+
+    def chunk_body(delta: dict[str, Any], finish: str | None) -> str:
+        return json.dumps(
+            {
+                "id": reply_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "system_fingerprint": None,
+                "choices": [
+                    {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+                ],
+            }
+        )
+
+    if not body.stream:
+        headers = {}
+        if json_mode:
+            text, last, how = await _json_reply(service, generation, messages, params, timed)
+            headers["X-LLMLab-JSON"] = how
+        else:
+            text, last = await _collect(generation, timed)
+        content = {
+            "id": reply_id,
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "system_fingerprint": None,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": None,
+                    "finish_reason": _finish(last.finish_reason),
+                }
+            ],
+            "usage": _usage(last.usage),
+        }
+        return JSONResponse(content, headers=headers)
+
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    async def events() -> AsyncIterator[dict[str, Any]]:
+        finished = False
+        try:
+            yield {"data": chunk_body({"role": "assistant", "content": ""}, None)}
+            if json_mode:
+                # The whole object is repaired first, then sent as one piece.
+                text, last, _ = await _json_reply(service, generation, messages, params, timed)
+                yield {"data": chunk_body({"content": text}, None)}
+            else:
+                last = Chunk("")
+                async for last in generation:
+                    timed.chunk(last)
+                    if last.text:
+                        yield {"data": chunk_body({"content": last.text}, None)}
+            finished = True
+            yield {"data": chunk_body({}, _finish(last.finish_reason))}
+            if include_usage:
+                usage_chunk = json.loads(chunk_body({}, None))
+                usage_chunk["choices"] = []
+                usage_chunk["usage"] = _usage(last.usage)
+                yield {"data": json.dumps(usage_chunk)}
+            yield {"data": "[DONE]"}
+        except APIError as exc:
+            finished = True
+            yield {"data": json.dumps(error_body(exc.status, exc.message, exc.param, exc.code))}
+        finally:
+            if not finished:
+                metrics.cancelled.inc()
+            generation.cancel()
+
+    return _stream_response(request, events())
+
+
+@router.post("/completions")
+async def completions(body: CompletionRequest, request: Request):
+    """Raw text continuation (no chat template), whole or streamed."""
+    service, metrics = _service(request), _metrics(request)
+    service.check_chat_model(body.model)
+    _refuse_unsupported(body)
+    if body.echo:
+        raise APIError(400, "echo is not supported by this server.", param="echo")
+    if body.suffix:
+        raise APIError(400, "suffix (fill-in-the-middle) is not supported.", param="suffix")
+    prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
+    if not prompts:
+        raise APIError(400, "prompt is empty: send a string or a list of strings.", param="prompt")
+    if body.stream and len(prompts) > 1:
+        raise APIError(400, "Streaming takes one prompt at a time.", param="prompt")
+    params = _params(body, service)
+    for prompt in prompts:
+        service.check_limits(len(service.prompt_ids(prompt=prompt)), params.max_tokens, "prompt")
+    generations: list[Generation] = []
+    try:
+        for prompt in prompts:
+            generations.append(service.submit(prompt=prompt, params=params))
+    except APIError:
+        for generation in generations:
+            generation.cancel()
+        raise
+    reply_id = f"cmpl-{uuid.uuid4().hex[:24]}"
+    created = int(time.time())
+    model = service.model_id
+
+    def choice(index: int, text: str, finish: str | None) -> dict[str, Any]:
+        return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+
+    def envelope(choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "id": reply_id,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "system_fingerprint": None,
+            "choices": choices,
+        }
+
+    if not body.stream:
+        results = await asyncio.gather(*(_collect(g, _Timed(metrics)) for g in generations))
+        total = Usage()
+        for _, last in results:
+            if last.usage:
+                total.prompt_tokens += last.usage.prompt_tokens
+                total.completion_tokens += last.usage.completion_tokens
+        content = envelope(
+            [choice(i, text, _finish(last.finish_reason)) for i, (text, last) in enumerate(results)]
+        )
+        content["usage"] = _usage(total)
+        return content
+
+    generation = generations[0]
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    timed = _Timed(metrics)
+
+    async def events() -> AsyncIterator[dict[str, Any]]:
+        finished = False
+        try:
+            last = Chunk("")
+            async for last in generation:
+                timed.chunk(last)
+                if last.text:
+                    yield {"data": json.dumps(envelope([choice(0, last.text, None)]))}
+            finished = True
+            yield {"data": json.dumps(envelope([choice(0, "", _finish(last.finish_reason))]))}
+            if include_usage:
+                yield {"data": json.dumps({**envelope([]), "usage": _usage(last.usage)})}
+            yield {"data": "[DONE]"}
+        except APIError as exc:
+            finished = True
+            yield {"data": json.dumps(error_body(exc.status, exc.message, exc.param, exc.code))}
+        finally:
+            if not finished:
+                metrics.cancelled.inc()
+            generation.cancel()
+
+    return _stream_response(request, events())
+
+
+# --- embeddings ----------------------------------------------------------------------------------
+
+
+@router.post("/embeddings")
+async def embeddings(body: EmbeddingRequest, request: Request) -> dict[str, Any]:
+    """Vectors for one text or a list of texts (unit length; float or base64)."""
+    service = _service(request)
+    texts = [body.input] if isinstance(body.input, str) else body.input
+    if not texts or not all(isinstance(t, str) for t in texts):
+        raise APIError(
+            400,
+            "input must be a non-empty string or list of strings (token ids are not supported).",
+            param="input",
+        )
+    if any(not t.strip() for t in texts):
+        raise APIError(
+            400, "input contains an empty string; every text needs some characters.", param="input"
+        )
+    if len(texts) > MAX_EMBEDDING_INPUTS:
+        raise APIError(
+            400,
+            f"input has {len(texts)} texts; send at most {MAX_EMBEDDING_INPUTS} per request.",
+            param="input",
+        )
+    embedder = await run_in_threadpool(service.embedder, body.model)
+    if body.dimensions is not None and body.dimensions != embedder.dimensions:
+        raise APIError(
+            400,
+            f"{embedder.name} makes {embedder.dimensions}-number vectors; it "
+            f"cannot make {body.dimensions}.",
+            param="dimensions",
+        )
+    vectors = await run_in_threadpool(embedder.embed_documents, texts)
+    tokenizer = embedder.model.tokenizer
+    prompt_tokens = sum(len(ids) for ids in tokenizer(texts)["input_ids"])
+    data = []
+    for index, vector in enumerate(vectors):
+        if body.encoding_format == "base64":
+            value: Any = base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
+        else:
+            value = vector
+        data.append({"object": "embedding", "index": index, "embedding": value})
+    _metrics(request).count_tokens(prompt_tokens, 0)
+    return {
+        "object": "list",
+        "data": data,
+        "model": embedder.spec.name,
+        "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+    }

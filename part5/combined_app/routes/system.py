@@ -1,0 +1,34 @@
+"""``GET /health`` (no key needed) and ``GET /metrics`` (Prometheus text)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+
+router = APIRouter(tags=["system"])
+
+
+@router.get("/health")
+async def health(request: Request) -> JSONResponse:
+    """``loading`` (503) while the model loads, ``ok`` (200) when it can answer, ``error`` (500)."""
+    service = request.app.state.service
+    body: dict[str, Any] = {"status": service.status, "model": service.model_id}
+    if service.engine is not None:
+        body.update(
+            parallel=service.engine.parallel,
+            busy_slots=service.busy_slots(),
+            queue_depth=service.queue_depth(),
+        )
+    if service.error:
+        body["error"] = service.error
+    status = {"ok": 200, "loading": 503}.get(service.status, 500)
+    return JSONResponse(body, status)
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    """Requests, tokens, queue depth, busy slots and latency histograms, for Prometheus."""
+    payload, content_type = request.app.state.metrics.render()
+    return Response(payload, media_type=content_type)

@@ -1,0 +1,144 @@
+"""python part5/combined_app/scripts/server.py [--port 8000] [--model NAME] [--parallel 4]
+
+Start the lab's server: the web page at http://127.0.0.1:8000/, an OpenAI-compatible API
+under /v1, document QA under /api/collections, batch jobs under /api/batches, /health and
+/metrics. ``make serve`` runs this with the defaults. Stop it with Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import socket
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[3]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))  # run as a file: make `part5.combined_app` importable
+
+from llmlab import registry  # noqa: E402
+from llmlab.backends.base import BackendError  # noqa: E402
+
+EPILOG = """examples:
+  python part5/combined_app/scripts/server.py                      # http://127.0.0.1:8000/
+  python part5/combined_app/scripts/server.py --port 8001 --parallel 8
+  python part5/combined_app/scripts/server.py --api-key s3cret     # clients send 'Bearer s3cret'
+  python part5/combined_app/scripts/server.py --host 0.0.0.0 --cors http://localhost:3000
+
+then, from any OpenAI client:
+  OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="s3cret" or "unused")
+  curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+       -d '{"messages": [{"role": "user", "content": "Hi"}]}'
+
+Every option can also be set as an environment variable LLMLAB_SERVER_<OPTION>
+(e.g. LLMLAB_SERVER_PORT=8001); the API key also as LLMLAB_API_KEY.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: server options on top of ServerSettings' environment defaults."""
+    parser = argparse.ArgumentParser(
+        description="Start the Local LLM Lab server (API, document QA, batch jobs, web page).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--host", help="interface to listen on (default: 127.0.0.1, this machine only)"
+    )
+    parser.add_argument("--port", type=int, help="TCP port (default: 8000)")
+    parser.add_argument("--model", help="chat model to serve (default: the lab's default model)")
+    parser.add_argument("--parallel", type=int, help="requests decoded together (default: 4)")
+    parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: none)")
+    parser.add_argument(
+        "--cors",
+        action="append",
+        metavar="ORIGIN",
+        help="browser origin allowed to call the API; repeat or use '*' (default: none)",
+    )
+    parser.add_argument(
+        "--queue-size", type=int, help="requests that may wait for a slot (default: 16)"
+    )
+    parser.add_argument(
+        "--ctx", type=int, dest="n_ctx", help="context window per request in tokens"
+    )
+    parser.add_argument("--threads", type=int, help="CPU threads (default: every core)")
+    parser.add_argument(
+        "--max-tokens-limit", type=int, help="largest max_tokens allowed (default: 1024)"
+    )
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="uvicorn's log level (default: info)",
+    )
+    return parser
+
+
+def _port_free(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return False
+            raise
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import uvicorn
+
+    from part5.combined_app import ServerSettings, create_app
+
+    options = {
+        k: v for k, v in vars(args).items() if v is not None and k not in ("cors", "log_level")
+    }
+    if args.cors:
+        options["cors_origins"] = [
+            o.strip() for item in args.cors for o in item.split(",") if o.strip()
+        ]
+    try:
+        settings = ServerSettings(**options)
+        spec = registry.resolve(settings.model)  # fail here, not in the background, on a bad name
+    except registry.RegistryError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"Invalid option: {exc}", file=sys.stderr)
+        return 2
+    try:
+        if settings.port and not _port_free(settings.host, settings.port):
+            print(
+                f"Port {settings.port} on {settings.host} is already in use (another server?). "
+                "Stop it, or pick another port with --port.",
+                file=sys.stderr,
+            )
+            return 2
+    except OSError as exc:
+        print(f"Cannot listen on {settings.host}: {exc}. Check --host.", file=sys.stderr)
+        return 2
+    shown = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+    print(f"Serving {spec.ref} with {settings.parallel} parallel slots.")
+    print(f"Web page: http://{shown}:{settings.port}/   API: http://{shown}:{settings.port}/v1")
+    if settings.api_key:
+        print("An API key is required: send 'Authorization: Bearer <key>'.")
+    try:
+        uvicorn.run(
+            create_app(settings),
+            host=settings.host,
+            port=settings.port,
+            log_level=args.log_level,
+            timeout_graceful_shutdown=5,
+        )
+    except BackendError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,252 @@
+"""The OpenAI-compatible API of part5/combined_app, spoken to with the official openai client.
+
+One server (real default model, uvicorn in a thread on 127.0.0.1) serves the whole module.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import httpx
+import openai
+import pytest
+from openai import OpenAI
+
+from part5.combined_app import ServerSettings
+from part5.combined_app.background import running_server
+
+pytestmark = pytest.mark.slow
+
+HELLO = [{"role": "user", "content": "Name three colours."}]
+
+
+@pytest.fixture(scope="module")
+def base_url(tmp_path_factory):
+    settings = ServerSettings(
+        home=tmp_path_factory.mktemp("home"), parallel=2, max_tokens_limit=512
+    )
+    with running_server(settings) as url:
+        yield url
+
+
+@pytest.fixture
+def client(base_url):
+    return OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def test_models_lists_the_served_chat_model_and_the_embedding_model(client):
+    ids = [m.id for m in client.models.list()]
+    assert ids == ["smollm2-135m-instruct", "all-minilm-l6-v2"]
+    assert client.models.retrieve("smollm2-135m-instruct").owned_by == "llmlab"
+
+
+def test_chat_completion_returns_a_reply_with_usage(client):
+    reply = client.chat.completions.create(
+        model="smollm2-135m-instruct", messages=HELLO, max_tokens=24, temperature=0
+    )
+    choice = reply.choices[0]
+    assert choice.message.role == "assistant"
+    assert choice.message.content.strip()
+    assert choice.finish_reason in ("stop", "length")
+    assert reply.model == "smollm2-135m-instruct"
+    assert 0 < reply.usage.completion_tokens <= 24
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+
+def test_stream_sends_the_same_text_in_chunks_then_usage(client):
+    whole = client.chat.completions.create(
+        messages=HELLO, model="smollm2-135m-instruct", max_tokens=24, temperature=0
+    )
+    stream = client.chat.completions.create(
+        messages=HELLO,
+        model="smollm2-135m-instruct",
+        max_tokens=24,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    pieces = [
+        c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content
+    ]
+    assert len(pieces) > 3, "the reply should arrive in several pieces"
+    assert "".join(pieces) == whole.choices[0].message.content
+    finishes = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
+    assert finishes == [whole.choices[0].finish_reason]
+    assert (
+        chunks[-1].choices == []
+        and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    )
+
+
+def test_stream_ends_with_done_in_openai_sse_format(base_url):
+    body = {"messages": HELLO, "max_tokens": 4, "stream": True}
+    with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=body, timeout=120) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]"
+    first = json.loads(events[0][6:])
+    assert (
+        first["object"] == "chat.completion.chunk"
+        and first["choices"][0]["delta"]["role"] == "assistant"
+    )
+
+
+def test_max_tokens_and_stop_end_the_reply(client):
+    short = client.chat.completions.create(
+        messages=HELLO, model="smollm2-135m-instruct", max_tokens=3, temperature=0
+    )
+    assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 3
+    full = (
+        client.chat.completions.create(
+            messages=HELLO, model="smollm2-135m-instruct", max_tokens=24, temperature=0
+        )
+        .choices[0]
+        .message.content
+    )
+    word = full.split()[2]
+    cut = client.chat.completions.create(
+        messages=HELLO, model="smollm2-135m-instruct", max_tokens=24, temperature=0, stop=[word]
+    )
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].message.content == full[: full.index(word)]
+
+
+def test_same_seed_same_sampled_reply(client):
+    def sampled() -> str:
+        return (
+            client.chat.completions.create(
+                messages=HELLO,
+                model="smollm2-135m-instruct",
+                max_tokens=16,
+                temperature=1.0,
+                top_p=0.9,
+                seed=1234,
+            )
+            .choices[0]
+            .message.content
+        )
+
+    assert sampled() == sampled()
+
+
+def test_json_object_response_format_gives_a_json_object(client, base_url):
+    messages = [{"role": "user", "content": "Give the name and age of a person as JSON."}]
+    reply = client.chat.completions.create(
+        messages=messages,
+        model="smollm2-135m-instruct",
+        max_tokens=40,
+        temperature=0,
+        response_format={"type": "json_object"},
+    )
+    assert isinstance(json.loads(reply.choices[0].message.content), dict)
+    raw = httpx.post(
+        f"{base_url}/v1/chat/completions",
+        timeout=120,
+        json={"messages": messages, "max_tokens": 8, "response_format": {"type": "json_object"}},
+    )
+    assert raw.headers["x-llmlab-json"] in ("valid", "closed", "extracted", "wrapped")
+    assert isinstance(json.loads(raw.json()["choices"][0]["message"]["content"]), dict)
+
+
+def test_text_completion_continues_the_prompt(client):
+    result = client.completions.create(
+        model="smollm2-135m-instruct", prompt="1, 2, 3, 4,", max_tokens=6, temperature=0
+    )
+    assert result.choices[0].text.strip().startswith("5")
+    assert result.usage.completion_tokens == 6
+    streamed = client.completions.create(
+        model="smollm2-135m-instruct",
+        prompt="1, 2, 3, 4,",
+        max_tokens=6,
+        temperature=0,
+        stream=True,
+    )
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == result.choices[0].text
+
+
+def test_embeddings_are_unit_vectors_that_rank_by_meaning(client):
+    # The openai client asks for base64 by default; the server encodes float32 for it.
+    result = client.embeddings.create(
+        model="all-minilm-l6-v2", input=["a small cat", "a kitten", "corporate tax law"]
+    )
+    vectors = [d.embedding for d in result.data]
+    assert [len(v) for v in vectors] == [384, 384, 384]
+    assert math.isclose(sum(x * x for x in vectors[0]), 1.0, rel_tol=1e-3)
+
+    def cos(a, b):
+        return sum(x * y for x, y in zip(a, b, strict=True))
+
+    assert cos(vectors[0], vectors[1]) > cos(vectors[0], vectors[2])
+    assert result.usage.prompt_tokens > 0
+    floats = client.embeddings.create(
+        model="all-minilm-l6-v2", input="a small cat", encoding_format="float"
+    )
+    assert floats.data[0].embedding == pytest.approx(vectors[0], abs=1e-5)
+
+
+def test_unknown_model_is_a_404_in_openai_error_shape(client):
+    with pytest.raises(openai.NotFoundError) as err:
+        client.chat.completions.create(model="gpt-4o", messages=HELLO)
+    assert err.value.code == "model_not_found"
+    assert "smollm2-135m-instruct" in err.value.body["message"]
+    with pytest.raises(openai.NotFoundError):
+        client.embeddings.create(model="smollm2-135m-instruct", input="x")
+
+
+def test_invalid_requests_are_400_with_the_parameter_named(client, base_url):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="smollm2-135m-instruct", messages=HELLO, temperature=5)
+    assert err.value.param == "temperature"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="smollm2-135m-instruct", messages=HELLO, n=2)
+    assert err.value.param == "n"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(
+            model="smollm2-135m-instruct", messages=HELLO, max_tokens=5000
+        )
+    assert err.value.param == "max_tokens" and "512" in err.value.body["message"]
+    bad_json = httpx.post(
+        f"{base_url}/v1/chat/completions",
+        content=b"{not json",
+        headers={"content-type": "application/json"},
+    )
+    assert bad_json.status_code == 400
+    assert bad_json.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_unknown_route_is_a_404_in_openai_error_shape(base_url):
+    r = httpx.get(f"{base_url}/v1/nothing-here")
+    assert r.status_code == 404
+    assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_health_and_prometheus_metrics(client, base_url):
+    health = httpx.get(f"{base_url}/health").json()
+    assert health["status"] == "ok" and health["parallel"] == 2
+    client.chat.completions.create(model="smollm2-135m-instruct", messages=HELLO, max_tokens=4)
+    text = httpx.get(f"{base_url}/metrics").text
+    assert 'llmlab_requests_total{route="/v1/chat/completions",status="200"}' in text
+    for name in (
+        "llmlab_completion_tokens_total",
+        "llmlab_prompt_tokens_total",
+        "llmlab_queue_depth",
+        "llmlab_busy_slots",
+        "llmlab_request_latency_seconds_bucket",
+        "llmlab_time_to_first_token_seconds_bucket",
+    ):
+        assert name in text
+    tokens = next(
+        line for line in text.splitlines() if line.startswith("llmlab_completion_tokens_total")
+    )
+    assert float(tokens.split()[-1]) >= 4
+
+
+def test_the_web_page_and_its_files_are_served(base_url):
+    page = httpx.get(f"{base_url}/")
+    assert page.status_code == 200 and "<title>Local LLM Lab</title>" in page.text
+    for name in ("app.js", "style.css"):
+        assert httpx.get(f"{base_url}/static/{name}").status_code == 200
