@@ -1,0 +1,391 @@
+"""A persistent vector store of chunks (Chroma, embedded, no server) with incremental ingestion.
+
+Each collection lives under ``$LLMLAB_HOME/rag`` (or any folder) and remembers which
+embedding model built it. Ingesting again skips unchanged files (same sha256), replaces
+the chunks of changed files, and with ``prune=True`` drops files deleted from disk::
+
+    from llmlab.rag.store import DocumentStore
+    store = DocumentStore("makerspace", create=True)
+    report = store.ingest(["part3/data/docs"])
+    report.chunks_added, report.chunks_skipped
+    for hit in store.search("How much is a day pass?", top_k=3):
+        hit.score, hit.source, hit.location
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llmlab.rag.embeddings import Embedder, get_embedder
+from llmlab.rag.errors import (
+    EmbeddingModelMismatchError,
+    EmptyCollectionError,
+    RagError,
+    UnknownCollectionError,
+    UnreadableFileError,
+)
+from llmlab.rag.loaders import file_hash, find_files, load_file
+from llmlab.rag.splitting import DEFAULT_CHUNK_OVERLAP, DEFAULT_CHUNK_SIZE, TextChunk, split_units
+from llmlab.settings import get_settings
+
+DEFAULT_COLLECTION = "default"
+_NAME_RULE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,510}[A-Za-z0-9]$")
+
+
+def default_db_dir() -> Path:
+    """``$LLMLAB_HOME/rag``: where collections live unless a folder is named."""
+    return get_settings().home / "rag"
+
+
+def open_client(db_dir: str | Path | None = None) -> Any:
+    """A Chroma ``PersistentClient`` on ``db_dir`` (created if missing), telemetry off."""
+    os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
+    import chromadb
+    from chromadb.config import Settings as ChromaSettings
+
+    path = Path(db_dir) if db_dir else default_db_dir()
+    path.mkdir(parents=True, exist_ok=True)
+    return chromadb.PersistentClient(
+        path=str(path), settings=ChromaSettings(anonymized_telemetry=False, allow_reset=False)
+    )
+
+
+def display_path(source: str | Path) -> str:
+    """A source path as people want to read it: relative to the current folder when inside it."""
+    path = Path(source)
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+@dataclass
+class Hit:
+    """One retrieved chunk. ``score`` is the cosine similarity (1 - cosine distance)."""
+
+    text: str
+    source: str
+    location: str
+    score: float
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON shape used by the CLI: source, location, score, text."""
+        return {
+            "source": display_path(self.source),
+            "location": self.location,
+            "score": round(self.score, 4),
+            "text": self.text,
+        }
+
+
+@dataclass
+class FileOutcome:
+    """What ingestion did with one file: added, updated, unchanged, failed or removed."""
+
+    path: Path
+    status: str
+    chunks: int = 0
+    error: str | None = None
+
+
+@dataclass
+class IngestReport:
+    """Totals of one ingestion run."""
+
+    files: list[FileOutcome] = field(default_factory=list)
+    chunks_added: int = 0
+    chunks_skipped: int = 0
+    chunks_removed: int = 0
+    seconds: float = 0.0
+
+    def count(self, status: str) -> int:
+        """Number of files with this status."""
+        return sum(1 for f in self.files if f.status == status)
+
+    @property
+    def failed(self) -> list[FileOutcome]:
+        """Files that could not be read (their old chunks, if any, were kept)."""
+        return [f for f in self.files if f.status == "failed"]
+
+    def summary(self) -> str:
+        """One line for people: files by status, chunks added/skipped/removed, seconds."""
+        seen = len([f for f in self.files if f.status != "removed"])
+        parts = [
+            f"{self.count(s)} {s}" for s in ("added", "updated", "unchanged", "failed", "removed")
+        ]
+        return (
+            f"{seen} files ({', '.join(parts)}); chunks: {self.chunks_added} added, "
+            f"{self.chunks_skipped} skipped, {self.chunks_removed} removed; {self.seconds:.1f} s"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict for JSON output."""
+        return {
+            "files": [
+                {
+                    "path": display_path(f.path),
+                    "status": f.status,
+                    "chunks": f.chunks,
+                    "error": f.error,
+                }
+                for f in self.files
+            ],
+            "chunks_added": self.chunks_added,
+            "chunks_skipped": self.chunks_skipped,
+            "chunks_removed": self.chunks_removed,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+@dataclass
+class CollectionInfo:
+    """A collection as ``list`` shows it."""
+
+    name: str
+    chunks: int
+    files: int
+    embedding_model: str | None
+
+
+def check_name(name: str) -> str:
+    """Return ``name`` if Chroma accepts it as a collection name, else raise RagError."""
+    if not _NAME_RULE.match(name or "") or ".." in name:
+        raise RagError(
+            f"{name!r} is not a valid collection name: use 3-512 letters, digits, '.', '_' or '-', "
+            "starting and ending with a letter or digit."
+        )
+    return name
+
+
+def collection_names(client: Any) -> list[str]:
+    """Names of the collections in a client (Chroma returns names or objects by version)."""
+    return sorted(c if isinstance(c, str) else c.name for c in client.list_collections())
+
+
+def list_collections(db_dir: str | Path | None = None) -> list[CollectionInfo]:
+    """Every collection in the store with its chunk count, file count and embedding model."""
+    client = open_client(db_dir)
+    infos = []
+    for name in collection_names(client):
+        collection = client.get_collection(name)
+        metadatas = collection.get(include=["metadatas"])["metadatas"] or []
+        files = {m.get("source") for m in metadatas if m}
+        model = (collection.metadata or {}).get("embedding_model")
+        infos.append(CollectionInfo(name, collection.count(), len(files), model))
+    return infos
+
+
+def remove_collection(name: str, db_dir: str | Path | None = None) -> int:
+    """Delete a collection and return how many chunks it held.
+
+    Raises:
+        UnknownCollectionError: there is no such collection.
+    """
+    client = open_client(db_dir)
+    _require(client, name)
+    count = client.get_collection(name).count()
+    client.delete_collection(name)
+    return count
+
+
+def _require(client: Any, name: str) -> None:
+    names = collection_names(client)
+    if name not in names:
+        known = ", ".join(names) if names else "none yet"
+        raise UnknownCollectionError(
+            f"There is no collection {name!r} (collections: {known}). "
+            f"Create it with: python part3/document_qa.py ingest PATH --collection {name}"
+        )
+
+
+def _chunk_id(chunk: TextChunk) -> str:
+    key = f"{chunk.source}\n{chunk.index}\n{chunk.content_hash}"
+    return hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+class DocumentStore:
+    """One collection of chunks plus the embedder that built it.
+
+    Args:
+        collection: collection name.
+        db_dir: store folder (default ``$LLMLAB_HOME/rag``).
+        embedder: the embedding model; default: the one the collection was built with,
+            or ``settings.embedding_model`` for a new collection.
+        create: create the collection if missing (ingestion); otherwise a missing
+            collection raises :class:`UnknownCollectionError`.
+    """
+
+    def __init__(
+        self,
+        collection: str = DEFAULT_COLLECTION,
+        db_dir: str | Path | None = None,
+        embedder: Embedder | None = None,
+        create: bool = False,
+    ):
+        self.name = check_name(collection)
+        self.db_dir = Path(db_dir) if db_dir else default_db_dir()
+        self.client = open_client(self.db_dir)
+        if self.name in collection_names(self.client):
+            self.collection = self.client.get_collection(self.name)
+            built_with = (self.collection.metadata or {}).get("embedding_model")
+            if embedder is None:
+                embedder = get_embedder(built_with)
+            elif built_with and built_with != embedder.name:
+                raise EmbeddingModelMismatchError(
+                    f"Collection {self.name!r} was built with {built_with}, not {embedder.name}; "
+                    "vectors of different models cannot be compared. Use that model, or another "
+                    "collection."
+                )
+        elif create:
+            embedder = embedder or get_embedder()
+            self.collection = self.client.create_collection(
+                self.name, metadata={"hnsw:space": "cosine", "embedding_model": embedder.name}
+            )
+        else:
+            _require(self.client, self.name)
+        self.embedder = embedder
+
+    def count(self) -> int:
+        """Number of chunks stored."""
+        return self.collection.count()
+
+    def sources(self) -> dict[str, dict[str, Any]]:
+        """Stored files: ``{source: {"file_hash", "chunking", "ids"}}``."""
+        data = self.collection.get(include=["metadatas"])
+        files: dict[str, dict[str, Any]] = {}
+        for chunk_id, meta in zip(data["ids"], data["metadatas"] or [], strict=True):
+            entry = files.setdefault(
+                meta["source"],
+                {"file_hash": meta.get("file_hash"), "chunking": meta.get("chunking"), "ids": []},
+            )
+            entry["ids"].append(chunk_id)
+        return files
+
+    def ingest(
+        self,
+        paths: Iterable[str | Path],
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        chunk_overlap: int = DEFAULT_CHUNK_OVERLAP,
+        prune: bool = False,
+        progress: Callable[[FileOutcome], None] | None = None,
+    ) -> IngestReport:
+        """Add new files, replace changed ones, skip unchanged ones; optionally prune deleted ones.
+
+        A file that cannot be read is reported (status ``failed``) and any chunks it had
+        before are kept. ``progress`` is called once per file with its outcome.
+
+        Raises:
+            NoFilesError: a path is missing or empty (nothing is changed then).
+            ValueError: bad chunk size or overlap.
+        """
+        started = time.perf_counter()
+        paths = list(paths)
+        files = find_files(paths)
+        roots = [Path(p).expanduser().resolve() for p in paths]
+        chunking = f"{chunk_size}/{chunk_overlap}"
+        split_units([], chunk_size, chunk_overlap)  # validates the sizes before any work
+        stored = self.sources()
+        report = IngestReport()
+        for path in files:
+            outcome = self._ingest_file(
+                path, stored.get(str(path)), chunking, chunk_size, chunk_overlap, report
+            )
+            report.files.append(outcome)
+            if progress:
+                progress(outcome)
+        if prune:
+            present = {str(p) for p in files}
+            for source, entry in stored.items():
+                inside = any(Path(source).is_relative_to(root) for root in roots)
+                if inside and source not in present and not Path(source).exists():
+                    self.collection.delete(ids=entry["ids"])
+                    report.chunks_removed += len(entry["ids"])
+                    outcome = FileOutcome(Path(source), "removed", len(entry["ids"]))
+                    report.files.append(outcome)
+                    if progress:
+                        progress(outcome)
+        report.seconds = time.perf_counter() - started
+        return report
+
+    def _ingest_file(
+        self,
+        path: Path,
+        old: dict[str, Any] | None,
+        chunking: str,
+        chunk_size: int,
+        chunk_overlap: int,
+        report: IngestReport,
+    ) -> FileOutcome:
+        try:
+            digest = file_hash(path)
+            if old and old["file_hash"] == digest and old["chunking"] == chunking:
+                report.chunks_skipped += len(old["ids"])
+                return FileOutcome(path, "unchanged", len(old["ids"]))
+            chunks = split_units(load_file(path), chunk_size, chunk_overlap)
+        except (UnreadableFileError, OSError) as exc:
+            return FileOutcome(path, "failed", error=str(exc))
+        # Embed first: if that fails, the file's old chunks are still in place.
+        vectors = self.embedder.embed_documents([c.text for c in chunks])
+        if old:
+            self.collection.delete(ids=old["ids"])
+            report.chunks_removed += len(old["ids"])
+        if chunks:
+            self.collection.add(
+                ids=[_chunk_id(c) for c in chunks],
+                embeddings=vectors,
+                documents=[c.text for c in chunks],
+                metadatas=[self._metadata(c, digest, chunking) for c in chunks],
+            )
+        report.chunks_added += len(chunks)
+        return FileOutcome(path, "updated" if old else "added", len(chunks))
+
+    @staticmethod
+    def _metadata(chunk: TextChunk, digest: str, chunking: str) -> dict[str, Any]:
+        meta = {
+            "source": str(chunk.source),
+            "file_name": chunk.source.name,
+            "file_hash": digest,
+            "chunking": chunking,
+            "chunk_index": chunk.index,
+            "start_line": chunk.start_line,
+            "end_line": chunk.end_line,
+            "location": chunk.location,
+            "content_hash": chunk.content_hash,
+        }
+        if chunk.page is not None:
+            meta["page"] = chunk.page
+        return meta
+
+    def search(self, query: str, top_k: int = 4) -> list[Hit]:
+        """The ``top_k`` chunks most similar to ``query``, best first.
+
+        Raises:
+            EmptyCollectionError: nothing has been ingested into this collection.
+        """
+        count = self.count()
+        if count == 0:
+            raise EmptyCollectionError(
+                f"Collection {self.name!r} is empty. Add documents first: "
+                f"python part3/document_qa.py ingest PATH --collection {self.name}"
+            )
+        if not query.strip():
+            raise RagError("The question is empty. Type a question about your documents.")
+        result = self.collection.query(
+            query_embeddings=[self.embedder.embed_query(query)],
+            n_results=max(1, min(top_k, count)),
+            include=["documents", "metadatas", "distances"],
+        )
+        return [
+            Hit(text, meta["source"], meta.get("location", ""), 1.0 - float(distance), dict(meta))
+            for text, meta, distance in zip(
+                result["documents"][0], result["metadatas"][0], result["distances"][0], strict=True
+            )
+        ]
