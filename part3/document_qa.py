@@ -1,0 +1,329 @@
+"""python part3/document_qa.py ingest part3/data/docs  -- then: ask "Who founded the makerspace?"
+
+Ask questions about your own files, offline, and see which passages each answer came from.
+
+    ingest PATH...        read .txt .md .html .pdf .py files into a collection (re-runs only
+                          embed what changed; --prune drops files deleted from disk)
+    ask "QUESTION"        answer from the documents with citations [1], [2] ...
+                          (no question: interactive, one question per line)
+    search "QUERY"        the best-matching passages with scores, no language model
+    list                  collections, with chunk and file counts
+    remove --collection   delete a collection
+
+Collections live in $LLMLAB_HOME/rag unless --db names another folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from llmlab import registry
+from llmlab.backends.base import BackendError
+from llmlab.rag import (
+    DEFAULT_CHUNK_OVERLAP,
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_COLLECTION,
+    DEFAULT_THRESHOLD,
+    DEFAULT_TOP_K,
+    DocumentStore,
+    EmptyCollectionError,
+    QuestionAnswerer,
+    RagError,
+    find_files,
+    get_embedder,
+    list_collections,
+    make_splitter,
+    remove_collection,
+)
+from llmlab.rag.store import FileOutcome, Hit, default_db_dir, display_path
+
+EPILOG = """examples:
+  python part3/document_qa.py ingest part3/data/docs
+  python part3/document_qa.py ingest ~/notes --collection notes --chunk-size 600 --prune
+  python part3/document_qa.py ask "How much does a day pass cost?"
+  python part3/document_qa.py ask "Who is the chair?" --top-k 2 --json
+  python part3/document_qa.py ask                      # interactive; empty line to quit
+  python part3/document_qa.py search "laser cutter safety" --top-k 3
+  python part3/document_qa.py list
+  python part3/document_qa.py remove --collection notes
+
+exit codes: 0 done, 1 some files unreadable / empty collection / model error,
+            2 bad arguments, missing path, unknown collection or model
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: one sub-command per action, shared --db and --collection."""
+    parser = argparse.ArgumentParser(
+        prog="document_qa.py",
+        description="Answer questions from your own documents, offline, with sources.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--db", type=Path, default=None, help="store folder (default: $LLMLAB_HOME/rag)"
+    )
+    named = argparse.ArgumentParser(add_help=False)
+    named.add_argument(
+        "--collection",
+        default=DEFAULT_COLLECTION,
+        help=f"collection name (default: {DEFAULT_COLLECTION})",
+    )
+    as_json = argparse.ArgumentParser(add_help=False)
+    as_json.add_argument(
+        "--json", action="store_true", help="print one JSON object instead of text"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    ingest = sub.add_parser(
+        "ingest", parents=[common, named], help="add or update files in a collection"
+    )
+    ingest.add_argument(
+        "paths", nargs="+", metavar="PATH", help="files or folders (searched recursively)"
+    )
+    ingest.add_argument(
+        "--chunk-size",
+        type=int,
+        default=DEFAULT_CHUNK_SIZE,
+        help=f"characters per chunk (default: {DEFAULT_CHUNK_SIZE})",
+    )
+    ingest.add_argument(
+        "--chunk-overlap",
+        type=int,
+        default=DEFAULT_CHUNK_OVERLAP,
+        help=f"characters shared by neighbouring chunks (default: {DEFAULT_CHUNK_OVERLAP})",
+    )
+    ingest.add_argument(
+        "--prune", action="store_true", help="remove files that were deleted from the given folders"
+    )
+    ingest.add_argument(
+        "--embedding-model",
+        default=None,
+        help="registry name of the embedding model (default: $LLMLAB_EMBEDDING_MODEL or all-minilm-l6-v2)",
+    )
+
+    retrieval = argparse.ArgumentParser(add_help=False)
+    retrieval.add_argument(
+        "--top-k",
+        type=int,
+        default=DEFAULT_TOP_K,
+        help=f"passages to retrieve (default: {DEFAULT_TOP_K})",
+    )
+
+    ask = sub.add_parser(
+        "ask", parents=[common, named, retrieval, as_json], help="answer a question with sources"
+    )
+    ask.add_argument("question", nargs="?", help="the question (leave out for interactive mode)")
+    ask.add_argument(
+        "--model", default=None, help="chat model name (default: the lab's default model)"
+    )
+    ask.add_argument(
+        "--threshold",
+        type=float,
+        default=DEFAULT_THRESHOLD,
+        help=f"minimum similarity of a relevant passage (default: {DEFAULT_THRESHOLD})",
+    )
+    ask.add_argument(
+        "--max-tokens", type=int, default=120, help="longest answer in tokens (default: 120)"
+    )
+
+    search = sub.add_parser(
+        "search",
+        parents=[common, named, retrieval, as_json],
+        help="retrieve passages only, no model",
+    )
+    search.add_argument("query", help="what to look for")
+
+    sub.add_parser("list", parents=[common, as_json], help="list collections")
+    remove = sub.add_parser("remove", parents=[common], help="delete a collection")
+    remove.add_argument("--collection", required=True, help="the collection to delete")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    console = Console(highlight=False, soft_wrap=True)
+    errors = Console(stderr=True, highlight=False, soft_wrap=True)
+    try:
+        if args.command == "ingest":
+            return cmd_ingest(args, console)
+        if args.command == "ask":
+            return cmd_ask(args, console)
+        if args.command == "search":
+            return cmd_search(args, console)
+        if args.command == "list":
+            return cmd_list(args, console)
+        return cmd_remove(args, console)
+    except EmptyCollectionError as exc:
+        errors.print(f"error: {escape(str(exc))}")
+        return 1
+    except (RagError, registry.RegistryError, ValueError) as exc:
+        errors.print(f"error: {escape(str(exc))}")
+        return 2
+    except BackendError as exc:
+        errors.print(f"error: {escape(str(exc))}")
+        return 1
+
+
+def cmd_ingest(args: argparse.Namespace, console: Console) -> int:
+    """Ingest files with a progress bar (plain lines when piped) and print the summary."""
+    # Check everything before the store is touched, so a typo changes nothing.
+    make_splitter(".txt", args.chunk_size, args.chunk_overlap)
+    files = find_files(args.paths)
+    embedder = get_embedder(args.embedding_model) if args.embedding_model else None
+    store = DocumentStore(args.collection, args.db, embedder=embedder, create=True)
+    with Progress(
+        TextColumn("[bold]ingest[/]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not console.is_terminal,
+        transient=True,
+    ) as progress:
+        task = progress.add_task("", total=len(files))
+
+        def report_file(outcome: FileOutcome) -> None:
+            if outcome.status != "removed":
+                progress.advance(task)
+            progress.update(task, description=escape(display_path(outcome.path)))
+            if not console.is_terminal:
+                console.print(
+                    f"{outcome.status:9} {display_path(outcome.path)} ({outcome.chunks} chunks)"
+                )
+
+        report = store.ingest(
+            args.paths, args.chunk_size, args.chunk_overlap, prune=args.prune, progress=report_file
+        )
+    for failed in report.failed:
+        console.print(
+            f"[yellow]skipped (unreadable):[/] {escape(failed.error or str(failed.path))}"
+        )
+    console.print(
+        f"Collection [bold]{escape(store.name)}[/] in {escape(display_path(store.db_dir))}: {report.summary()}"
+    )
+    if report.failed:
+        console.print(f"{len(report.failed)} file(s) could not be read; the others were ingested.")
+        return 1
+    return 0
+
+
+def cmd_ask(args: argparse.Namespace, console: Console) -> int:
+    """Answer one question, or read questions until an empty line in interactive mode."""
+    store = DocumentStore(args.collection, args.db)
+    if store.count() == 0:
+        store.search("", 1)  # raises EmptyCollectionError with the hint to ingest
+    qa = QuestionAnswerer(
+        store, args.model, top_k=args.top_k, threshold=args.threshold, max_tokens=args.max_tokens
+    )
+    try:
+        if args.question is not None:
+            return _answer(qa, args.question, args, console)
+        console.print(
+            f"Ask about the {store.count()} chunks in collection {escape(store.name)!r}. Empty line to quit."
+        )
+        while True:
+            try:
+                question = input("question> ").strip()
+            except EOFError:
+                break
+            if question.lower() in ("", "exit", "quit"):
+                break
+            _answer(qa, question, args, console)
+        return 0
+    finally:
+        qa.close()
+
+
+def _answer(qa: QuestionAnswerer, question: str, args: argparse.Namespace, console: Console) -> int:
+    if not question.strip():
+        raise RagError("The question is empty. Type a question about your documents.")
+    if args.json:
+        print(json.dumps(qa.ask(question).to_dict(), ensure_ascii=False))
+        return 0
+    started = time.perf_counter()
+    stream = console.is_terminal
+    answer = qa.ask(
+        question, on_text=(lambda t: console.print(escape(t), end="")) if stream else None
+    )
+    if stream:
+        console.print()
+    else:
+        console.print(escape(answer.text))
+    if not answer.found:
+        console.print(
+            f"(the best passage scored {answer.best_score:.2f}, below the threshold {qa.threshold:.2f})"
+        )
+        return 0
+    console.print("Sources:")
+    _print_hits(answer.sources, console, full=False)
+    if console.is_terminal:
+        console.print(f"[dim]{time.perf_counter() - started:.1f} s[/]")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace, console: Console) -> int:
+    """Print the best passages with scores (retrieval only)."""
+    store = DocumentStore(args.collection, args.db)
+    hits = store.search(args.query, args.top_k)
+    if args.json:
+        print(
+            json.dumps(
+                {"query": args.query, "sources": [h.to_dict() for h in hits]}, ensure_ascii=False
+            )
+        )
+        return 0
+    _print_hits(hits, console, full=True)
+    return 0
+
+
+def _print_hits(hits: list[Hit], console: Console, full: bool) -> None:
+    for n, hit in enumerate(hits, start=1):
+        console.print(
+            f"{escape(f'[{n}]')} {escape(display_path(hit.source))}, {hit.location} (score {hit.score:.2f})"
+        )
+        if full:
+            console.print(escape(hit.text.strip()), style="dim")
+            console.print()
+
+
+def cmd_list(args: argparse.Namespace, console: Console) -> int:
+    """Print each collection with its chunk and file counts."""
+    infos = list_collections(args.db)
+    if args.json:
+        print(json.dumps([info.__dict__ for info in infos]))
+        return 0
+    where = display_path(args.db or default_db_dir())
+    if not infos:
+        console.print(
+            f"No collections in {escape(where)} yet. Create one with: "
+            "python part3/document_qa.py ingest PATH"
+        )
+        return 0
+    console.print(f"Collections in {escape(where)}:")
+    for info in infos:
+        console.print(
+            f"  {escape(info.name):20} {info.chunks:6} chunks {info.files:5} files   {info.embedding_model or ''}"
+        )
+    return 0
+
+
+def cmd_remove(args: argparse.Namespace, console: Console) -> int:
+    """Delete one collection."""
+    count = remove_collection(args.collection, args.db)
+    console.print(f"Removed collection {escape(args.collection)!r} ({count} chunks).")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
