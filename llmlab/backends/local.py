@@ -98,9 +98,11 @@ class LocalBackend(Backend):
         self.settings = settings or get_settings()
         self.n_ctx = n_ctx or self.settings.n_ctx
         self.threads = threads or self.settings.threads
-        # One request at a time per model; re-entrant so a consumer that abandons a stream
-        # in the same thread can still make the next request.
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # loading and tokenizing
+        # One generation at a time per model. A plain Lock, because a stream may be resumed
+        # from different threads (Starlette iterates sync generators in a thread pool).
+        self._busy = threading.Lock()
+        self._owner: int | None = None
 
     # --- engine hooks -------------------------------------------------------------
 
@@ -144,10 +146,29 @@ class LocalBackend(Backend):
 
     def close(self) -> None:
         """Free the weights; the next request loads them again."""
-        with self._lock:
-            if self.loaded:
-                self._unload()
-            _free_memory()
+        self._acquire()
+        try:
+            with self._lock:
+                if self.loaded:
+                    self._unload()
+                _free_memory()
+        finally:
+            self._release()
+
+    def _acquire(self) -> None:
+        me = threading.get_ident()
+        if not self._busy.acquire(blocking=False):
+            if self._owner == me:
+                raise BackendError(
+                    "This model is still streaming a reply in this thread. Read that stream to "
+                    "the end or call its close() before starting another request."
+                )
+            self._busy.acquire()  # another thread's request: wait for it
+        self._owner = me
+
+    def _release(self) -> None:
+        self._owner = None
+        self._busy.release()
 
     @property
     def context_length(self) -> int:
@@ -164,10 +185,13 @@ class LocalBackend(Backend):
         """float32 scores over the vocabulary for the token that follows ``ids``."""
         if not ids:
             raise ValueError("next_token_logits needs at least one token id")
-        with self._lock:
+        self._check_fits(len(ids), 0)
+        self._acquire()
+        try:
             self.ensure_loaded()
-            self._check_fits(len(ids), 0)
             return np.asarray(self._logits(list(ids)), dtype=np.float32)
+        finally:
+            self._release()
 
     def apply_chat_template(
         self, messages: list[Message], add_generation_prompt: bool = True
@@ -214,12 +238,14 @@ class LocalBackend(Backend):
         return self._generate(ids, params)
 
     def _generate(self, ids: list[int], params: GenerationParams) -> Iterator[Chunk]:
-        with self._lock:
-            start = time.perf_counter()
-            first = None
-            tokens = 0
-            finish = "interrupted"
-            matcher = StopMatcher(params.stop)
+        self._acquire()
+        start = time.perf_counter()
+        first = None
+        tokens = 0
+        finish = "interrupted"
+        matcher = StopMatcher(params.stop)
+        try:
+            self.ensure_loaded()  # again: another thread may have closed it meanwhile
             steps = self._steps(ids, params)
             try:
                 for step in steps:
@@ -234,15 +260,18 @@ class LocalBackend(Backend):
                         text += matcher.flush()
                     if text:
                         yield Chunk(text)
+                        self._owner = threading.get_ident()  # the thread that resumed us
                     if hit or step.finish:
                         break
             except KeyboardInterrupt:
                 finish = "interrupted"  # Ctrl-C ends the reply; the caller keeps what came so far
             finally:
                 steps.close()
-            total = time.perf_counter() - start
-            timings = Timings(first if first is not None else total, total, tokens)
-            yield Chunk("", finish, Usage(len(ids), tokens), timings)
+        finally:
+            self._release()
+        total = time.perf_counter() - start
+        timings = Timings(first if first is not None else total, total, tokens)
+        yield Chunk("", finish, Usage(len(ids), tokens), timings)
 
 
 def _free_memory() -> None:

@@ -293,12 +293,18 @@ class RemoteBackend(Backend):
         )
 
     def info(self) -> dict[str, Any]:
+        """What the server offers; ``reachable`` is False (and counts unknown) when it is down."""
+        try:
+            exact = self.exact_token_counts
+        except BackendError:
+            exact = None
         return {
             "backend": self.name,
             "model": self.model,
             "base_url": self.base_url,
+            "reachable": exact is not None,
             "context_length": self.context_length,
-            "exact_token_counts": self.exact_token_counts,
+            "exact_token_counts": exact,
             "device": "remote",
             "dtype": "remote",
             "threads": None,
