@@ -1,0 +1,144 @@
+"""Every notebook in notebooks/ runs headless: under nbval (outputs compared only in cells
+marked ``# NBVAL_CHECK_OUTPUT``) and under papermill with the small parameters the
+notebook declares in ``metadata.llmlab.ci_parameters``. Notebooks added later are picked
+up automatically. Each test also checks that the notebook wrote nothing into the repo."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+NOTEBOOK_DIR = ROOT / "notebooks"
+NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
+KERNEL = "python3"
+ids = [p.stem for p in NOTEBOOKS]
+
+
+def ci_parameters(nb: nbformat.NotebookNode) -> dict:
+    """The CI-sized parameters a notebook declares for itself (may be empty)."""
+    return dict(nb.metadata.get("llmlab", {}).get("ci_parameters", {}))
+
+
+def parameters_cell(nb: nbformat.NotebookNode) -> nbformat.NotebookNode | None:
+    return next(
+        (c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])), None
+    )
+
+
+def snapshot(folder: Path) -> dict[str, int]:
+    """Files under ``folder`` with their modification times, to spot anything a run wrote."""
+    return {
+        str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()
+    }
+
+
+def _uses_this_python(argv0: str) -> bool:
+    found = shutil.which(argv0) or argv0
+    return Path(found).absolute().parent == Path(sys.executable).absolute().parent
+
+
+@pytest.fixture(scope="session")
+def kernel_env(tmp_path_factory) -> dict[str, str]:
+    """Environment in which the ``python3`` kernel is this interpreter.
+
+    ``make setup`` installs that kernelspec into the venv, but a user-level ``python3``
+    kernelspec (from another Python) would win; then a spec pointing at this interpreter
+    is put first on JUPYTER_PATH for the test run.
+    """
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    try:
+        argv0 = KernelSpecManager().get_kernel_spec(KERNEL).argv[0]
+    except NoSuchKernel:
+        argv0 = ""
+    if argv0 and _uses_this_python(argv0):
+        return {}
+    data_dir = tmp_path_factory.mktemp("jupyter")
+    subprocess.run(
+        [sys.executable, "-m", "ipykernel", "install", "--prefix", str(data_dir), "--name", KERNEL],
+        check=True,
+        capture_output=True,
+    )
+    jupyter_path = os.pathsep.join(
+        filter(None, [str(data_dir / "share" / "jupyter"), os.environ.get("JUPYTER_PATH")])
+    )
+    return {"JUPYTER_PATH": jupyter_path}
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=ids)
+def test_notebook_follows_the_course_conventions(path):
+    nb = nbformat.read(path, as_version=4)
+    assert re.match(r"^\d\d_\w+\.ipynb$", path.name), (
+        f"{path.name}: name must look like NN_Title.ipynb"
+    )
+    cell = parameters_cell(nb)
+    assert cell is not None, f"{path.name}: no cell tagged 'parameters' (papermill needs one)"
+    assigned = set(re.findall(r"^(\w+)\s*=", cell.source, flags=re.M))
+    unknown = set(ci_parameters(nb)) - assigned
+    assert not unknown, (
+        f"{path.name}: ci_parameters {sorted(unknown)} are not set in the parameters cell"
+    )
+    unrun = [
+        i
+        for i, c in enumerate(nb.cells)
+        if c.cell_type == "code" and c.source.strip() and not c.execution_count
+    ]
+    assert not unrun, (
+        f"{path.name}: cells {unrun} have no outputs; run: python scripts/run_notebooks.py {path.name}"
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.notebook
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=ids)
+def test_notebook_runs_under_nbval(path, kernel_env):
+    before = snapshot(NOTEBOOK_DIR)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "--nbval-lax", "-p", "no:cacheprovider", "-q", str(path)],
+        cwd=ROOT,
+        env={**os.environ, **kernel_env},
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert proc.returncode == 0, f"nbval failed on {path.name}:\n{proc.stdout}\n{proc.stderr}"
+    assert snapshot(NOTEBOOK_DIR) == before, f"{path.name} wrote files into notebooks/"
+
+
+@pytest.mark.slow
+@pytest.mark.notebook
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=ids)
+def test_notebook_runs_under_papermill_with_ci_parameters(path, kernel_env, tmp_path, monkeypatch):
+    import papermill
+
+    for key, value in kernel_env.items():
+        monkeypatch.setenv(key, value)
+    params = ci_parameters(nbformat.read(path, as_version=4))
+    out = tmp_path / path.name
+    before = snapshot(NOTEBOOK_DIR)
+    papermill.execute_notebook(
+        str(path),
+        str(out),
+        parameters=params,
+        kernel_name=KERNEL,
+        cwd=str(NOTEBOOK_DIR),
+        progress_bar=False,
+        execution_timeout=600,
+    )
+    ran = nbformat.read(out, as_version=4)
+    injected = [c for c in ran.cells if "injected-parameters" in c.metadata.get("tags", [])]
+    if params:
+        assert injected and all(f"{k} = " in injected[0].source for k in params)
+    errors = [
+        o for c in ran.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"
+    ]
+    assert not errors, f"{path.name}: {errors[0].ename}: {errors[0].evalue}"
+    assert snapshot(NOTEBOOK_DIR) == before, f"{path.name} wrote files into notebooks/"
