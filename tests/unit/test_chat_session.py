@@ -350,14 +350,35 @@ def test_real_model_prompt_count_matches_what_the_engine_saw(real_model, tmp_pat
     assert resumed.send("And of Spain?").text.strip()
 
 
-@pytest.mark.slow
-def test_real_model_overflowing_history_still_answers(real_model):
-    session = ChatSession(real_model, params={"temperature": 0, "max_tokens": 48})
-    dropped = []
-    for i in range(12):
-        session.send(f"Question {i}: tell me one fact about the number {i}.")
-        dropped += session.last_dropped
-        assert session.last_result.text.strip()
-    assert dropped and dropped[0]["content"].startswith("Question 0")
-    assert session.messages[-2]["content"].startswith("Question 11")
-    assert session.last_result.usage.prompt_tokens + 48 <= 512
+# ----- the notebook's chat box ---------------------------------------------------------
+
+
+def test_chat_box_streams_replies_into_the_html_and_resets():
+    from llmlab.chat_widget import ChatBox
+
+    box = ChatBox(ChatSession(FakeBackend()))
+    assert box.send("is <b> bold?") == "w1 w2 w3 w4 w5"
+    assert "<b>you:</b> is &lt;b&gt; bold?" in box.log.value
+    assert "<b>model:</b> w1 w2 w3 w4 w5</div>" in box.log.value
+    assert "5 tokens" in box.status.value and "tok/s" in box.status.value
+    box.text.value = "typed and Enter pressed"  # what the Text widget does on Enter
+    assert box.text.value == ""
+    assert [m["content"] for m in box.session.messages][2:] == [
+        "typed and Enter pressed",
+        "w1 w2 w3 w4 w5",
+    ]
+    box.reset_button.click()
+    assert box.session.messages == [] and "you:" not in box.log.value
+
+
+def test_chat_box_shows_errors_and_interrupted_replies():
+    from llmlab.chat_widget import ChatBox
+
+    backend = FakeBackend(raise_after=2)
+    box = ChatBox(ChatSession(backend))
+    box.send("hello")
+    assert "w1 w2 <span class='note'>(interrupted)</span>" in box.log.value
+    backend.raise_after, backend.fail = None, BackendError("Cannot reach the model server")
+    assert box.send("again") == ""
+    assert "Cannot reach the model server" in box.status.value
+    assert not box.text.disabled
