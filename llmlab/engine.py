@@ -1,0 +1,600 @@
+"""Continuous batching on llama.cpp: many requests decoded together, one llama.cpp step at a time.
+
+A decoder this small is limited by memory bandwidth, not arithmetic: each step streams
+every weight through the CPU once, whether it computes one token or eight. So the engine
+puts the next token of every running sequence into one ``llama_batch`` (each token with
+its sequence id and position), decodes them in one ``llama_decode`` call, samples each
+sequence's next token from its own logits row, and admits a waiting request as soon as a
+sequence finishes and its KV cache is cleared::
+
+    from llmlab.engine import Engine, Request
+    with Engine(parallel=8) as engine:                      # default model, all cores
+        handles = [engine.submit(Request.chat([{"role": "user", "content": q}], max_tokens=64))
+                   for q in questions]
+        for chunk in handles[0].stream():                   # tokens as they come
+            print(chunk.text, end="")
+        answers = [h.result().text for h in handles]
+
+Submitting is thread-safe (a server shares one engine among its clients); a bounded queue
+raises :class:`QueueFullError` instead of growing without limit, and ``handle.cancel()``
+frees the sequence's slot at the next step. Greedy output (``temperature=0``) is the same
+as :meth:`llmlab.backends.load(...).chat` gives, whether a request runs alone or beside
+others: each sequence has its own KV stream, and prompts are prefilled one sequence per
+``llama_decode`` call, so no sequence's numbers depend on its neighbours.
+"""
+
+from __future__ import annotations
+
+import codecs
+import collections
+import ctypes
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from llmlab import registry
+from llmlab.backends.base import (
+    BackendError,
+    Chunk,
+    ContextOverflowError,
+    GenerationParams,
+    Message,
+    Result,
+    Timings,
+    Usage,
+)
+from llmlab.backends.local import StopMatcher
+from llmlab.settings import get_settings
+
+# llama.cpp's repeat-penalty window (``penalty_last_n``), so penalties match the backend's.
+PENALTY_LAST_N = 64
+
+
+class EngineError(BackendError):
+    """A request could not run (engine closed, decode failure); the message says why."""
+
+
+class QueueFullError(EngineError):
+    """Too many requests are waiting; try again later (a server answers 429 or 503)."""
+
+
+@dataclass
+class Request:
+    """What to generate: a chat (``messages``, rendered with the model's template) or raw ``prompt``."""
+
+    messages: list[Message] | None = None
+    prompt: str | None = None
+    params: GenerationParams = field(default_factory=GenerationParams)
+
+    @classmethod
+    def chat(cls, messages: list[Message], **params) -> Request:
+        """A chat request, e.g. ``Request.chat(msgs, max_tokens=64, temperature=0)``."""
+        return cls(messages=messages, params=GenerationParams.from_kwargs(**params))
+
+    @classmethod
+    def completion(cls, prompt: str, **params) -> Request:
+        """A raw-text continuation (no chat template)."""
+        return cls(prompt=prompt, params=GenerationParams.from_kwargs(**params))
+
+
+_DONE = object()  # end of a handle's chunk stream
+
+
+class Handle:
+    """A submitted request: stream its text, wait for its result, or cancel it."""
+
+    def __init__(
+        self,
+        request_id: int,
+        prompt_tokens: list[int],
+        params: GenerationParams,
+        on_chunk: Callable[[Chunk], None] | None,
+    ):
+        self.id = request_id
+        self.prompt_tokens = prompt_tokens
+        self.params = params
+        self.submitted = time.perf_counter()
+        self._on_chunk = on_chunk
+        self._chunks: queue.SimpleQueue = queue.SimpleQueue()
+        self._done = threading.Event()
+        self._cancel = threading.Event()
+        self._result: Result | None = None
+        self._error: EngineError | None = None
+
+    @property
+    def done(self) -> bool:
+        """True once the request has finished, failed or been cancelled."""
+        return self._done.is_set()
+
+    @property
+    def cancelled(self) -> bool:
+        """True if :meth:`cancel` was called."""
+        return self._cancel.is_set()
+
+    @property
+    def seconds(self) -> float:
+        """Seconds from admission to finish (0 until it finishes)."""
+        return self._result.timings.total_seconds if self._result else 0.0
+
+    def cancel(self) -> None:
+        """Stop generating; the slot is freed at the next step and the result ends ``interrupted``."""
+        self._cancel.set()
+
+    def stream(self) -> Iterator[Chunk]:
+        """Yield text chunks as they are decoded; the last has ``finish_reason``, ``usage``, ``timings``.
+
+        Raises:
+            EngineError: the request failed.
+        """
+        while True:
+            item = self._chunks.get()
+            if item is _DONE:
+                break
+            yield item
+        if self._error:
+            raise self._error
+
+    def result(self, timeout: float | None = None) -> Result:
+        """Wait for the whole reply.
+
+        Raises:
+            TimeoutError: not finished within ``timeout`` seconds.
+            EngineError: the request failed.
+        """
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.id} still running after {timeout} s")
+        if self._error:
+            raise self._error
+        return self._result
+
+    # --- called by the engine thread ------------------------------------------------
+
+    def _emit(self, chunk: Chunk) -> None:
+        self._chunks.put(chunk)
+        if self._on_chunk is not None:
+            self._on_chunk(chunk)
+
+    def _finish(self, result: Result | None, error: EngineError | None = None) -> None:
+        self._result, self._error = result, error
+        if error is not None and self._on_chunk is not None:
+            self._on_chunk(Chunk("", "error"))
+        self._chunks.put(_DONE)
+        self._done.set()
+
+
+class _Sequence:
+    """Decoding state of one request in one slot (one llama.cpp sequence id)."""
+
+    def __init__(self, handle: Handle, seq_id: int):
+        self.handle = handle
+        self.seq_id = seq_id
+        self.params = handle.params
+        self.prompt = handle.prompt_tokens
+        self.n_past = 0  # tokens of this sequence already in the KV cache
+        self.generated: list[int] = []
+        self.next_token: int | None = None  # sampled, not yet decoded
+        self.text = ""  # completion text shown so far (after stop-string holding)
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.matcher = StopMatcher(self.params.stop)
+        self.rng = np.random.default_rng(self.params.seed)
+        self.started = time.perf_counter()
+        self.first_token_at: float | None = None
+
+    @property
+    def prefilling(self) -> bool:
+        return self.n_past < len(self.prompt)
+
+
+def sample(
+    logits: np.ndarray,
+    params: GenerationParams,
+    rng: np.random.Generator,
+    recent: list[int] | None = None,
+) -> int:
+    """Pick the next token from one row of logits: greedy at ``temperature <= 0``, otherwise
+    temperature, then top-k, then top-p (nucleus), as llama.cpp's default sampler chain does."""
+    logits = np.asarray(logits, dtype=np.float32)
+    if params.repeat_penalty != 1.0 and recent:
+        logits = logits.copy()
+        ids = np.unique(np.asarray(recent[-PENALTY_LAST_N:]))
+        vals = logits[ids]
+        logits[ids] = np.where(vals > 0, vals / params.repeat_penalty, vals * params.repeat_penalty)
+    if params.temperature <= 0:
+        return int(np.argmax(logits))
+    k = params.top_k if 0 < params.top_k < logits.size else logits.size
+    ids = np.argpartition(-logits, k - 1)[:k] if k < logits.size else np.arange(logits.size)
+    ids = ids[np.argsort(-logits[ids], kind="stable")]
+    scaled = logits[ids] / params.temperature
+    probs = np.exp(scaled - scaled[0])
+    probs /= probs.sum()
+    if 0 < params.top_p < 1:
+        keep = int(np.searchsorted(np.cumsum(probs), params.top_p)) + 1
+        ids, probs = ids[:keep], probs[:keep] / probs[:keep].sum()
+    return int(ids[rng.choice(len(ids), p=probs)])
+
+
+class Engine:
+    """Batched decoding of many requests on one llama.cpp model; see the module docstring.
+
+    Args:
+        model: registry name, ``name:tag`` or a resolved spec (default: the lab's default model).
+        parallel: sequences decoded together (slots).
+        n_ctx: context window of each sequence (default: ``LLMLAB_N_CTX``); the llama.cpp
+            context holds ``parallel * n_ctx`` tokens.
+        n_batch: most tokens per ``llama_decode`` call (prompts are prefilled in chunks of it).
+        threads: CPU threads (default: all cores, ``LLMLAB_THREADS``).
+        max_queue: requests allowed to wait for a slot before ``submit`` raises QueueFullError.
+    """
+
+    def __init__(
+        self,
+        model: str | registry.ModelSpec | None = None,
+        *,
+        parallel: int = 4,
+        n_ctx: int | None = None,
+        n_batch: int = 512,
+        threads: int | None = None,
+        max_queue: int = 256,
+        gpu_layers: int | None = None,
+    ):
+        import llama_cpp
+
+        # llama-cpp-python logs through this logger; at its default level every line of
+        # llama.cpp's loading chatter reaches stderr (verbose=False in the backend does the same).
+        logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
+        if parallel < 1:
+            raise ValueError("parallel must be at least 1")
+        self._ll = llama_cpp
+        settings = get_settings()
+        self.spec = (
+            model
+            if isinstance(model, registry.ModelSpec) and model.path
+            else registry.resolve(model)
+        )
+        self.parallel = parallel
+        self.n_ctx = n_ctx or settings.n_ctx
+        self.n_batch = max(n_batch, parallel)
+        self.threads = threads or settings.threads
+        self.max_queue = max_queue
+        if gpu_layers is None:
+            gpu_layers = settings.gpu_layers if llama_cpp.llama_supports_gpu_offload() else 0
+        self._load(gpu_layers)
+
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._waiting: collections.deque[Handle] = collections.deque()
+        self._slots: list[_Sequence | None] = [None] * parallel
+        self._next_id = 0
+        self._closing = False
+        self.steps = 0  # llama_decode calls so far (for lessons and tests)
+        self.max_batch_sequences = 0  # the most sequences one decode step has carried
+        self._thread = threading.Thread(target=self._loop, name="llmlab-engine", daemon=True)
+        self._thread.start()
+
+    # --- model and context ---------------------------------------------------------
+
+    def _load(self, gpu_layers: int) -> None:
+        ll = self._ll
+        ll.llama_backend_init()
+        mparams = ll.llama_model_default_params()
+        mparams.n_gpu_layers = gpu_layers
+        self._model = ll.llama_model_load_from_file(str(self.spec.path).encode(), mparams)
+        if not self._model:
+            raise EngineError(f"llama.cpp could not load {self.spec.ref} from {self.spec.path}.")
+        cparams = ll.llama_context_default_params()
+        cparams.n_ctx = self.n_ctx * self.parallel
+        cparams.n_batch = self.n_batch
+        cparams.n_ubatch = self.n_batch
+        cparams.n_seq_max = self.parallel
+        cparams.n_threads = cparams.n_threads_batch = self.threads
+        # One KV stream per sequence: a sequence's attention never sees (or is shaped by)
+        # another's cells, which keeps results independent of what else is running.
+        cparams.kv_unified = False
+        # As the llama.cpp backend (llama-cpp-python's default), so greedy outputs agree.
+        cparams.flash_attn_type = ll.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        cparams.no_perf = True
+        self._ctx = ll.llama_init_from_model(self._model, cparams)
+        if not self._ctx:
+            ll.llama_model_free(self._model)
+            raise EngineError(
+                f"llama.cpp could not create a context of {self.n_ctx} x {self.parallel} tokens; "
+                "lower --parallel or LLMLAB_N_CTX."
+            )
+        self._memory = ll.llama_get_memory(self._ctx)
+        self._vocab = ll.llama_model_get_vocab(self._model)
+        self.n_vocab = ll.llama_vocab_n_tokens(self._vocab)
+        self._batch = ll.llama_batch_init(self.n_batch, 0, 1)
+        self._formatter = None
+
+    def _meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(1 << 16)
+        n = self._ll.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
+        if n < 0:
+            return None
+        if n >= len(buf):
+            buf = ctypes.create_string_buffer(n + 1)
+            self._ll.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8")
+
+    def tokenize(self, text: str, add_bos: bool = False, special: bool = False) -> list[int]:
+        """Token ids of ``text``; ``special`` parses control tokens such as ``<|im_start|>``."""
+        data = text.encode("utf-8")
+        size = len(data) + 8
+        buf = (self._ll.llama_token * size)()
+        n = self._ll.llama_tokenize(self._vocab, data, len(data), buf, size, add_bos, special)
+        if n < 0:
+            size = -n
+            buf = (self._ll.llama_token * size)()
+            n = self._ll.llama_tokenize(self._vocab, data, len(data), buf, size, add_bos, special)
+        return list(buf[:n])
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes of one token's text (control tokens rendered)."""
+        buf = ctypes.create_string_buffer(64)
+        n = self._ll.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, True)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = self._ll.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, True)
+        return buf.raw[:n]
+
+    def apply_chat_template(self, messages: list[Message]) -> str:
+        """The prompt text for ``messages``: the GGUF file's own template, rendered with
+        llama-cpp-python's Jinja2 formatter exactly as the llama.cpp backend renders it."""
+        if self._formatter is None:
+            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+            template = self._meta("tokenizer.chat_template")
+            if not template:
+                raise EngineError(
+                    f"{self.spec.ref} has no chat template; submit Request.completion(...)."
+                )
+            ll, vocab = self._ll, self._vocab
+            eos, bos = ll.llama_vocab_eos(vocab), ll.llama_vocab_bos(vocab)
+            self._formatter = Jinja2ChatFormatter(
+                template=template,
+                eos_token=ll.llama_vocab_get_text(vocab, eos).decode() if eos >= 0 else "",
+                bos_token=ll.llama_vocab_get_text(vocab, bos).decode() if bos >= 0 else "",
+                add_generation_prompt=True,
+            )
+        return self._formatter(messages=messages).prompt
+
+    def prompt_tokens(self, request: Request) -> list[int]:
+        """The token ids a request starts from (template applied for chats, BOS as the model wants)."""
+        if request.messages is not None:
+            # The template writes BOS itself where the model wants one.
+            return self.tokenize(self.apply_chat_template(request.messages), special=True)
+        add_bos = bool(self._ll.llama_vocab_get_add_bos(self._vocab))
+        return self.tokenize(request.prompt or "", add_bos=add_bos)
+
+    # --- submission ------------------------------------------------------------------
+
+    def submit(self, request: Request, on_chunk: Callable[[Chunk], None] | None = None) -> Handle:
+        """Queue ``request``; returns at once with a :class:`Handle`.
+
+        ``on_chunk`` is called on the engine thread with every chunk (keep it quick).
+
+        Raises:
+            QueueFullError: ``max_queue`` requests are already waiting.
+            ContextOverflowError: the prompt plus ``max_tokens`` exceeds ``n_ctx``.
+            EngineError: the engine is closed.
+        """
+        if (request.messages is None) == (request.prompt is None):
+            raise ValueError("a Request needs exactly one of messages or prompt")
+        tokens = self.prompt_tokens(request)
+        if not tokens:
+            raise ValueError("the prompt is empty")
+        if len(tokens) + request.params.max_tokens > self.n_ctx:
+            raise ContextOverflowError(len(tokens), request.params.max_tokens, self.n_ctx)
+        with self._lock:
+            if self._closing:
+                raise EngineError("the engine is closed; create a new one")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFullError(
+                    f"{len(self._waiting)} requests are already waiting (max_queue={self.max_queue}); "
+                    "retry later"
+                )
+            self._next_id += 1
+            handle = Handle(self._next_id, tokens, request.params, on_chunk)
+            self._waiting.append(handle)
+            self._wake.notify()
+        return handle
+
+    def generate(self, requests: list[Request]) -> list[Result]:
+        """Run ``requests`` together and return their results in order (a convenience)."""
+        handles: list[Handle] = []
+        for request in requests:
+            while True:
+                try:
+                    handles.append(self.submit(request))
+                    break
+                except QueueFullError:
+                    # Wait for one of ours to finish, which frees a place in the line.
+                    pending = [h for h in handles if not h.done]
+                    if not pending:
+                        raise
+                    pending[0].result()
+        return [h.result() for h in handles]
+
+    def chat(self, messages: list[Message], **params) -> Result:
+        """One chat reply (it shares the engine with whatever else is running)."""
+        return self.submit(Request.chat(messages, **params)).result()
+
+    @property
+    def active(self) -> int:
+        """Sequences decoding now."""
+        return sum(s is not None for s in self._slots)
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a slot."""
+        return len(self._waiting)
+
+    def close(self) -> None:
+        """Stop the decode thread (running and waiting requests end ``interrupted``) and free memory."""
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
+            self._wake.notify()
+        self._thread.join()
+        ll = self._ll
+        ll.llama_batch_free(self._batch)
+        ll.llama_free(self._ctx)
+        ll.llama_model_free(self._model)
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- the decode loop (engine thread) ------------------------------------------------
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    while not self._closing and not self._waiting and not self.active:
+                        self._wake.wait()
+                    if self._closing:
+                        break
+                    self._drop_cancelled_waiting()
+                    self._admit()
+                self._reap_cancelled()
+                if self.active:
+                    self._step()
+        except Exception as exc:  # a broken context fails every request rather than hanging them
+            error = EngineError(f"the decode loop stopped: {type(exc).__name__}: {exc}")
+            for seq in self._slots:
+                if seq is not None:
+                    seq.handle._finish(None, error)
+            with self._lock:
+                self._closing = True
+                for handle in self._waiting:
+                    handle._finish(None, error)
+                self._waiting.clear()
+            return
+        for i, seq in enumerate(self._slots):
+            if seq is not None:
+                self._finish(i, "interrupted")
+        with self._lock:
+            waiting, self._waiting = list(self._waiting), collections.deque()
+        for handle in waiting:
+            handle._emit(Chunk("", "interrupted", Usage(len(handle.prompt_tokens), 0), Timings()))
+            handle._finish(
+                Result("", "interrupted", Usage(len(handle.prompt_tokens), 0), Timings())
+            )
+
+    def _drop_cancelled_waiting(self) -> None:
+        for handle in [h for h in self._waiting if h.cancelled]:
+            self._waiting.remove(handle)
+            usage = Usage(len(handle.prompt_tokens), 0)
+            handle._emit(Chunk("", "interrupted", usage, Timings()))
+            handle._finish(Result("", "interrupted", usage, Timings()))
+
+    def _admit(self) -> None:
+        for i, seq in enumerate(self._slots):
+            if seq is None and self._waiting:
+                self._slots[i] = _Sequence(self._waiting.popleft(), seq_id=i)
+
+    def _reap_cancelled(self) -> None:
+        for i, seq in enumerate(self._slots):
+            if seq is not None and seq.handle.cancelled:
+                self._finish(i, "interrupted")
+
+    def _decode(self, entries: list[tuple[int, int, int, bool]]) -> None:
+        """One ``llama_decode`` of (token, position, seq_id, wants_logits) entries."""
+        batch = self._batch
+        batch.n_tokens = len(entries)
+        for i, (token, pos, seq_id, logits) in enumerate(entries):
+            batch.token[i] = token
+            batch.pos[i] = pos
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = seq_id
+            batch.logits[i] = logits
+        status = self._ll.llama_decode(self._ctx, batch)
+        if status != 0:
+            raise RuntimeError(f"llama_decode returned {status}")
+        self.steps += 1
+
+    def _logits_row(self, index: int) -> np.ndarray:
+        row = self._ll.llama_get_logits_ith(self._ctx, index)
+        return np.ctypeslib.as_array(row, shape=(self.n_vocab,))
+
+    def _step(self) -> None:
+        """Prefill one waiting prompt chunk, or decode one token of every running sequence."""
+        prefill = next((s for s in self._slots if s is not None and s.prefilling), None)
+        if prefill is not None:
+            # A prompt goes in on its own (in n_batch chunks), so its numbers never depend
+            # on which other prompts happen to arrive at the same time.
+            start = prefill.n_past
+            chunk = prefill.prompt[start : start + self.n_batch]
+            last = start + len(chunk) == len(prefill.prompt)
+            self._decode(
+                [
+                    (t, start + j, prefill.seq_id, last and j == len(chunk) - 1)
+                    for j, t in enumerate(chunk)
+                ]
+            )
+            prefill.n_past += len(chunk)
+            if last:
+                self._accept(prefill, self._logits_row(len(chunk) - 1))
+            return
+        running = [s for s in self._slots if s is not None and s.next_token is not None]
+        self.max_batch_sequences = max(self.max_batch_sequences, len(running))
+        self._decode([(s.next_token, s.n_past, s.seq_id, True) for s in running])
+        for i, seq in enumerate(running):
+            seq.n_past += 1
+            self._accept(seq, self._logits_row(i))
+
+    def _accept(self, seq: _Sequence, logits: np.ndarray) -> None:
+        """Sample the sequence's next token from ``logits``, stream its text, finish if due."""
+        params = seq.params
+        history = seq.prompt + seq.generated if params.repeat_penalty != 1.0 else None
+        token = sample(logits, params, seq.rng, history)
+        slot = seq.seq_id
+        if self._ll.llama_vocab_is_eog(self._vocab, token):
+            self._finish(slot, "stop")
+            return
+        if seq.first_token_at is None:
+            seq.first_token_at = time.perf_counter()
+        seq.generated.append(token)
+        text, hit = seq.matcher.feed(seq.decoder.decode(self.token_bytes(token)))
+        if hit:
+            self._finish(slot, "stop", text, hit=True)
+            return
+        if len(seq.generated) >= params.max_tokens:
+            self._finish(slot, "length", text)
+            return
+        if text:
+            seq.text += text
+            seq.handle._emit(Chunk(text))
+        seq.next_token = token
+
+    def _finish(self, slot: int, reason: str, text: str = "", hit: bool = False) -> None:
+        """End the sequence in ``slot``: last text, result, KV cells freed, slot opened.
+
+        ``hit`` means a stop string ended it: ``text`` is what came before the stop string,
+        and the held-back rest is dropped.
+        """
+        seq = self._slots[slot]
+        if not hit:
+            text += seq.matcher.flush() + seq.decoder.decode(b"", final=True)
+        if text:
+            seq.text += text
+            seq.handle._emit(Chunk(text))
+        now = time.perf_counter()
+        total = now - seq.started
+        first = (seq.first_token_at - seq.started) if seq.first_token_at else total
+        usage = Usage(len(seq.prompt), len(seq.generated))
+        timings = Timings(first, total, len(seq.generated))
+        self._ll.llama_memory_seq_rm(self._memory, seq.seq_id, -1, -1)
+        with self._lock:
+            self._slots[slot] = None
+        seq.handle._emit(Chunk("", reason, usage, timings))
+        seq.handle._finish(Result(seq.text, reason, usage, timings))
