@@ -194,7 +194,7 @@ CELLS = [
     bars = ax.bar(kinds, [by_type[k] / MiB for k in kinds], color=["tab:blue", "tab:orange", "tab:gray"][: len(kinds)])
     for bar, kind in zip(bars, kinds):
         ax.annotate(
-            f"{count_by_type[kind]} tensors\\n{8 * by_type[kind] / weights_by_type[kind]:.2f} bits/weight",
+            f"{count_by_type[kind]} tensor{'s' if count_by_type[kind] > 1 else ''}\\n{8 * by_type[kind] / weights_by_type[kind]:.2f} bits/weight",
             (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=9,
         )
     ax.set_ylabel("MiB in the file")
@@ -384,22 +384,24 @@ CELLS = [
     """),
     code("""
     fig, ax = plt.subplots(figsize=(9, 4))
-    parts = [("weights", weights, "tab:blue"), ("KV cache", kv_cache, "tab:orange"),
-             ("compute", compute, "tab:green"), ("runtime", runtime, "tab:gray")]
     bottom = 0
-    for name, value, color in parts:
+    for name, value, color in [("weights", weights, "tab:blue"), ("KV cache", kv_cache, "tab:orange"),
+                               ("compute", compute, "tab:green"), ("runtime", runtime, "tab:gray")]:
         ax.bar("llama.cpp\\nestimate", value / MiB, bottom=bottom / MiB, color=color, label=name)
         bottom += value
-    measured = [("llama.cpp\\nafter load", llama["added_after_load"]),
-                ("llama.cpp\\nafter generation", llama["added_after_generation"]),
-                ("llama.cpp\\npeak", llama["added_peak"])]
+    measured = {"llama.cpp\\nafter load": llama["added_after_load"],
+                "llama.cpp\\nafter generation": llama["added_after_generation"],
+                "llama.cpp\\npeak": llama["added_peak"]}
+    hatched = dict(color="white", edgecolor="black", hatch="//")
+    bars = ax.bar(list(measured), [v / MiB for v in measured.values()], label="measured: RSS added", **hatched)
+    ax.bar_label(bars, fmt="%.0f", fontsize=8)
     if transformers_result:
         fp32 = 4 * transformers_result["info"]["parameters"]
-        ax.bar("transformers\\nfp32 weights", fp32 / MiB, color="tab:purple", label="4 bytes × parameters")
-        measured += [("transformers\\nafter load", transformers_result["added_after_load"]),
-                     ("transformers\\npeak", transformers_result["added_peak"])]
-    ax.bar([m[0] for m in measured], [m[1] / MiB for m in measured], color="white", edgecolor="black",
-           hatch="//", label="measured: RSS added")
+        ax.bar("transformers\\n4 B × parameters", fp32 / MiB, color="tab:purple", label="fp32 weights")
+        tf_measured = {"transformers\\nafter load": transformers_result["added_after_load"],
+                       "transformers\\npeak": transformers_result["added_peak"]}
+        bars = ax.bar(list(tf_measured), [v / MiB for v in tf_measured.values()], **hatched)
+        ax.bar_label(bars, fmt="%.0f", fontsize=8)
     ax.set_ylabel("MiB")
     ax.set_title(f"{spec.ref} at n_ctx={N_CTX}: estimated vs measured resident memory")
     ax.legend(fontsize=8, ncols=2)
@@ -424,8 +426,8 @@ CELLS = [
       generous. A safe upper bound is what `registry.recommend()` needs to pick a model
       that fits this machine.
     - **transformers** needs several times more: 4 bytes per weight instead of ~5 bits,
-      plus its own buffers, and its peak is higher still while the tensors are
-      dequantized. This is why the lab runs GGUF models with llama.cpp on a laptop, and
+      plus the library, the tokenizer and PyTorch's allocator, and its peak is higher
+      still while the tensors are dequantized. This is why the lab runs GGUF models with llama.cpp on a laptop, and
       why transformers' 8-bit and 4-bit options (bitsandbytes, notebook 07) exist.
 
     ## Summary
