@@ -1,0 +1,146 @@
+"""Document QA and batch routes of the combined app, spoken to with httpx."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from llmlab.rag import DocumentStore
+from part5.combined_app import ServerSettings
+from part5.combined_app.background import running_server
+
+pytestmark = pytest.mark.slow
+
+DOCS = Path(__file__).resolve().parents[2] / "part3" / "data" / "docs"
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    return tmp_path_factory.mktemp("home")
+
+
+@pytest.fixture(scope="module")
+def http(home):
+    with (
+        running_server(ServerSettings(home=home, parallel=2)) as url,
+        httpx.Client(base_url=url, timeout=180) as client,
+    ):
+        yield client
+
+
+def _upload(http: httpx.Client, collection: str, *names: str, folder: Path = DOCS):
+    files = [("files", (name, (folder / name).read_bytes(), "text/plain")) for name in names]
+    return http.post(f"/api/collections/{collection}/files", files=files)
+
+
+def test_upload_list_ask_and_delete_documents(http, home):
+    r = _upload(http, "club", "faq.md", "history.txt")
+    assert r.status_code == 200, r.text
+    assert [f["status"] for f in r.json()["files"]] == ["added", "added"]
+    assert (home / "uploads" / "club" / "faq.md").read_bytes() == (DOCS / "faq.md").read_bytes()
+
+    listed = http.get("/api/collections/club/files").json()["files"]
+    assert sorted(f["name"] for f in listed) == ["faq.md", "history.txt"]
+    assert all(f["uploaded"] and f["chunks"] > 0 for f in listed)
+    assert "club" in [c["name"] for c in http.get("/api/collections").json()["collections"]]
+
+    answer = http.post(
+        "/api/collections/club/ask", json={"question": "Who founded the makerspace?"}
+    )
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["found"] and body["answer"]
+    assert body["sources"][0]["file"] == "history.txt"
+    assert {"n", "file", "location", "score", "text"} <= set(body["sources"][0])
+
+    # Same store as part3/document_qa.py: the collection is there for the library too.
+    assert DocumentStore("club", db_dir=home / "rag").count() == sum(f["chunks"] for f in listed)
+
+    gone = http.delete("/api/collections/club/files/faq.md")
+    assert gone.status_code == 200 and gone.json()["chunks_removed"] > 0
+    assert not (home / "uploads" / "club" / "faq.md").exists()
+    assert [f["name"] for f in http.get("/api/collections/club/files").json()["files"]] == [
+        "history.txt"
+    ]
+    assert http.delete("/api/collections/club/files/faq.md").status_code == 404
+
+    assert http.delete("/api/collections/club").status_code == 200
+    assert http.get("/api/collections/club/files").status_code == 404
+    assert not (home / "uploads" / "club").exists()
+
+
+def test_upload_again_skips_unchanged_files(http):
+    assert _upload(http, "again", "faq.md").status_code == 200
+    second = _upload(http, "again", "faq.md").json()
+    assert second["files"][0]["status"] == "unchanged"
+
+
+@pytest.mark.parametrize("name", ["../evil.md", "..\\evil.md", "sub/evil.md", "/etc/evil.md", ".."])
+def test_uploads_cannot_write_outside_their_folder(http, home, name):
+    r = http.post("/api/collections/safe/files", files=[("files", (name, b"# hi", "text/plain"))])
+    assert r.status_code == 400
+    assert r.json()["error"]["param"] == "files"
+    assert not list(home.rglob("evil.md"))
+    assert not (home / "uploads" / "evil.md").exists()
+
+
+def test_bad_uploads_and_names_are_400_and_unknown_collections_404(http):
+    exe = http.post(
+        "/api/collections/safe/files", files=[("files", ("tool.exe", b"MZ", "application/x"))]
+    )
+    assert exe.status_code == 400 and ".md" in exe.json()["error"]["message"]
+    bad_name = http.get("/api/collections/a/files")
+    assert bad_name.status_code == 400 and bad_name.json()["error"]["code"] == "invalid_collection"
+    assert http.get("/api/collections/nothing-here/files").status_code == 404
+    missing = http.post("/api/collections/nothing-here/ask", json={"question": "Why?"})
+    assert missing.status_code == 404
+
+
+def _wait_done(http: httpx.Client, job_id: str, seconds: float = 300) -> dict:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        status = http.get(f"/api/batches/{job_id}").json()
+        if status["status"] not in ("queued", "running"):
+            return status
+        time.sleep(0.2)
+    raise AssertionError(f"batch {job_id} still running after {seconds} s")
+
+
+def test_batch_job_runs_every_prompt_and_returns_results_in_order(http):
+    prompts = [
+        "Name a fruit.",
+        {"id": "sky", "prompt": "What colour is the sky?"},
+        {"messages": [{"role": "user", "content": "Say hello."}]},
+    ]
+    r = http.post("/api/batches", json={"prompts": prompts, "max_tokens": 8, "temperature": 0})
+    assert r.status_code == 202
+    job = r.json()
+    assert job["total"] == 3 and job["status"] in ("queued", "running")
+    status = _wait_done(http, job["id"])
+    assert status["status"] == "completed" and status["completed"] == 3 and status["failed"] == 0
+    results = http.get(f"/api/batches/{job['id']}/results").json()["results"]
+    assert [row["id"] for row in results] == [1, "sky", 3]
+    assert all(row["output"] and 0 < row["usage"]["completion_tokens"] <= 8 for row in results)
+    assert job["id"] in [j["id"] for j in http.get("/api/batches").json()["data"]]
+
+
+def test_batch_errors(http):
+    assert http.get("/api/batches/batch_nope").status_code == 404
+    empty = http.post("/api/batches", json={"prompts": []})
+    assert empty.status_code == 400 and empty.json()["error"]["param"] == "prompts"
+    dup = http.post(
+        "/api/batches", json={"prompts": [{"id": 1, "prompt": "a"}, {"id": 1, "prompt": "b"}]}
+    )
+    assert dup.status_code == 400 and "same id" in dup.json()["error"]["message"]
+
+
+def test_a_running_batch_can_be_cancelled(http):
+    prompts = [f"Count from 1 to 100, item {n}." for n in range(6)]
+    job = http.post("/api/batches", json={"prompts": prompts, "max_tokens": 200}).json()
+    cancelled = http.delete(f"/api/batches/{job['id']}").json()
+    assert cancelled["id"] == job["id"]
+    status = _wait_done(http, job["id"], 60)
+    assert status["status"] == "cancelled" and status["completed"] < 6
