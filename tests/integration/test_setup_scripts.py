@@ -31,7 +31,9 @@ FAKE_PYTHON = """#!{bash}
 echo "python $*" >> "$FAKE_LOG"
 case "$1" in
   -c) exec {real} "$@" ;;
-  -m) if [ "$2" = venv ]; then mkdir -p "$3/bin" && cp "$0" "$3/bin/python"; fi; exit 0 ;;
+  -m) if [ "$2" = venv ]; then mkdir -p "$3/bin" && cp "$0" "$3/bin/python"; fi
+      if [ "$2" = pip ]; then exit "${{FAKE_PIP_STATUS:-0}}"; fi
+      exit 0 ;;
   scripts/check_env.py) echo "doctor ran"; exit "${{FAKE_DOCTOR_STATUS:-0}}" ;;
 esac
 exit 0
@@ -233,6 +235,25 @@ def test_force_reinstalls_even_when_up_to_date(tmp_path, fake_python):
     result = run_setup(*args, "--force", log=log)
     assert result.returncode == 0
     assert "python -m pip install --quiet -r requirements.txt" in _log_lines(log)
+
+
+def test_failed_install_is_reported_and_not_stamped(tmp_path, fake_python):
+    env_dir = tmp_path / "env"
+    result = run_setup(
+        "--python",
+        str(fake_python),
+        "--venv",
+        str(env_dir),
+        env={"FAKE_PIP_STATUS": "1"},
+        log=tmp_path / "calls.log",
+    )
+    assert result.returncode == 1
+    assert (
+        "error: the step above failed. Fix what it reports, then run this script again."
+        in result.stderr
+    )
+    assert not (env_dir / ".llmlab-setup-stamp").exists()  # the next run installs again
+    assert "doctor ran" not in result.stdout
 
 
 def test_doctor_status_is_passed_on(tmp_path, fake_python):
