@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import shutil
 import threading
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -100,6 +101,10 @@ class TransformersBackend(LocalBackend):
     def _load_quantized(self, path: Path) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
+        # bitsandbytes warns on every 8-bit matmul that fp32 inputs are cast to fp16.
+        warnings.filterwarnings(
+            "ignore", message="MatMul8bitLt: inputs will be cast", category=UserWarning
+        )
         if not (self.checkpoint_dir / "config.json").exists():
             self._write_checkpoint(path)
         if self.quantization == "8bit":
@@ -124,6 +129,7 @@ class TransformersBackend(LocalBackend):
         tmp = self.checkpoint_dir.with_name("hf-checkpoint.partial")
         shutil.rmtree(tmp, ignore_errors=True)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=self._dtype(), **kwargs)
+        _drop_gguf_marker(model)
         model.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(folder, **kwargs).save_pretrained(tmp)
         del model
@@ -293,3 +299,23 @@ class TransformersBackend(LocalBackend):
             data["parameters"] = sum(p.numel() for p in self.model.parameters())
             data["memory_bytes"] = self.model.get_memory_footprint()
         return data
+
+
+def _drop_gguf_marker(model) -> None:
+    """Mark a model read from GGUF as a plain one so ``save_pretrained`` accepts it.
+
+    transformers keeps a GGUF "quantizer" on the model even after unpacking every weight to
+    plain tensors, and refuses to save such a model; the weights themselves are ordinary.
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None:
+        return
+    # Packed blocks only when the new GGUF loader handles the architecture without dequantizing.
+    packed = getattr(quantizer, "supported", False) and not quantizer.quantization_config.dequantize
+    if packed:
+        raise BackendError(
+            "transformers kept this GGUF model's weights in their packed blocks (GGUF kernels "
+            "are installed), so no plain checkpoint can be written for bitsandbytes. Uninstall "
+            "the 'kernels' package or use the model without --quantization."
+        )
+    quantizer.remove_quantization_config(model)

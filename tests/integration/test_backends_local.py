@@ -159,3 +159,13 @@ def test_both_engines_compute_nearly_the_same_logits(models):
         a, b = llama.next_token_logits(ids), hf.next_token_logits(ids)
         assert np.corrcoef(a, b)[0, 1] > 0.99
         assert a.argmax() == b.argmax()
+
+
+def test_a_second_request_while_a_stream_is_open_says_what_to_do(models):
+    model = models["llama.cpp"]
+    stream = model.stream_chat(SKY, max_tokens=8, temperature=0)
+    next(stream)
+    with pytest.raises(backends.BackendError, match="still streaming.*close"):
+        model.chat(SKY, max_tokens=2)
+    stream.close()
+    assert model.chat(SKY, max_tokens=2, temperature=0).usage.completion_tokens == 2
