@@ -1,0 +1,243 @@
+"""python part3/batch_process.py INPUT -o OUTPUT [--parallel 8] [--max-tokens 128] [--resume]
+
+Run every prompt in a file through a local model and write one JSON line per prompt.
+Prompts are decoded several at a time by the batched engine (``llmlab.engine``), rows are
+written as they finish, and ``--resume`` continues a run that was stopped or killed
+without losing or repeating a row. The reading, scheduling, resuming and writing live in
+``llmlab.batch``; this script wires them to the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from llmlab import batch, registry
+from llmlab.backends.base import BackendError, GenerationParams
+
+EPILOG = """\
+examples:
+  python part3/batch_process.py prompts.txt -o answers.jsonl
+  python part3/batch_process.py questions.csv --column question -o answers.jsonl --parallel 8
+  python part3/batch_process.py tasks.jsonl -o out.jsonl --system "Answer in one sentence." \\
+      --template "Summarise: {prompt}" --max-tokens 64 --temperature 0
+  python part3/batch_process.py tasks.jsonl -o out.jsonl --resume     # continue after a kill
+  python part3/batch_process.py tasks.jsonl -o out.jsonl --engine sequential  # one at a time
+
+input formats:
+  .jsonl  one JSON object a line: {"id": "q1", "prompt": "..."} or {"id": 7, "messages": [...]}
+  .csv    a header row with a "prompt" column (or the one named by --column); an "id" column is used if present
+  .txt    one prompt a line (blank lines are skipped)
+  Rows without an id get their line number (data-row number for CSV).
+
+output: one JSON line per input row, in the order rows finish:
+  {"id", "prompt", "output", "finish_reason", "usage", "seconds"} plus "error" where the row failed.
+exit status: 0 all rows done, 1 some rows failed (see their "error"), 2 usage or input problem,
+130 interrupted (rerun with --resume).
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface."""
+    parser = argparse.ArgumentParser(
+        prog="batch_process.py",
+        description="Run a file of prompts through a local model, many at a time, with resume.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("input", type=Path, help="prompts: .jsonl, .csv or .txt")
+    parser.add_argument("-o", "--output", type=Path, required=True, help="results file (.jsonl)")
+    parser.add_argument(
+        "--model", default=None, help="model name from the catalog (default: the lab's default)"
+    )
+    parser.add_argument(
+        "--parallel", type=int, default=8, help="sequences decoded together (default: 8)"
+    )
+    parser.add_argument(
+        "--max-tokens", type=int, default=128, help="most new tokens per row (default: 128)"
+    )
+    parser.add_argument(
+        "--temperature", type=float, default=0.0, help="0 = greedy, repeatable (default: 0)"
+    )
+    parser.add_argument("--seed", type=int, default=None, help="random seed for temperature > 0")
+    parser.add_argument("--system", default=None, help="system message added to every row")
+    parser.add_argument(
+        "--template",
+        default=None,
+        help='prompt pattern over the row\'s fields, e.g. "Translate to French: {prompt}"',
+    )
+    parser.add_argument(
+        "--column", default="prompt", help="CSV column (or JSONL field) holding the prompt"
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="skip rows whose id is already in OUTPUT"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="start OUTPUT afresh if it exists")
+    parser.add_argument(
+        "--engine",
+        choices=["batched", "sequential"],
+        default="batched",
+        help="batched: the continuous-batching engine; sequential: one row at a time "
+        "through the backend (default: batched)",
+    )
+    parser.add_argument(
+        "--n-ctx",
+        type=int,
+        default=None,
+        help="context window per sequence (default: LLMLAB_N_CTX)",
+    )
+    return parser
+
+
+class Reporter:
+    """A rich progress bar with rows/s and tokens/s on a terminal; a line every few seconds otherwise."""
+
+    def __init__(self, total: int, console: Console):
+        self.total, self.console = total, console
+        self.rows = self.errors = self.tokens = 0
+        self.start = self._last_line = time.perf_counter()
+        self.progress = None
+        if console.is_terminal:
+            self.progress = Progress(
+                TextColumn("[bold]rows"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]}"),
+                TimeElapsedColumn(),
+                console=console,
+            )
+            self.task = self.progress.add_task("rows", total=total, rate="")
+            self.progress.start()
+
+    def rates(self) -> tuple[float, float]:
+        """Rows per second and completion tokens per second so far."""
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        return self.rows / elapsed, self.tokens / elapsed
+
+    def update(self, record: dict) -> None:
+        """Count one written row."""
+        self.rows += 1
+        self.errors += "error" in record
+        self.tokens += record["usage"]["completion_tokens"]
+        rows_s, tok_s = self.rates()
+        if self.progress is not None:
+            self.progress.update(
+                self.task, advance=1, rate=f"{rows_s:.2f} rows/s  {tok_s:.1f} tok/s"
+            )
+        elif time.perf_counter() - self._last_line >= 5 or self.rows == self.total:
+            self._last_line = time.perf_counter()
+            print(
+                f"{self.rows}/{self.total} rows  {rows_s:.2f} rows/s  {tok_s:.1f} tok/s", flush=True
+            )
+
+    def stop(self) -> None:
+        """Remove the bar."""
+        if self.progress is not None:
+            self.progress.stop()
+
+
+def _outcomes(
+    args: argparse.Namespace, rows: list[batch.InputRow], params: GenerationParams, resources: list
+) -> Iterator[batch.Outcome]:
+    if args.engine == "sequential":
+        from llmlab import backends
+
+        model = backends.load(args.model, n_ctx=args.n_ctx)
+        resources.append(model)
+        return batch.run_sequential(model.chat, rows, params, args.system, args.template)
+    from llmlab.engine import Engine
+
+    engine = Engine(args.model, parallel=args.parallel, n_ctx=args.n_ctx)
+    resources.append(engine)
+    return batch.run_with_engine(engine, rows, params, args.system, args.template)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    err = Console(stderr=True)
+    if args.parallel < 1 or args.max_tokens < 1:
+        err.print("error: --parallel and --max-tokens must be at least 1.")
+        return 2
+    if not args.input.is_file():
+        err.print(
+            f"error: input file {args.input} not found. Pass a .jsonl, .csv or .txt file of prompts."
+        )
+        return 2
+    if args.output.exists() and args.output.stat().st_size and not (args.resume or args.overwrite):
+        err.print(
+            f"error: {args.output} already has results. Add --resume to continue it, "
+            "--overwrite to start again, or choose another -o file."
+        )
+        return 2
+    try:
+        rows = list(batch.read_inputs(args.input, column=args.column, template=args.template))
+    except (batch.InputError, UnicodeDecodeError) as exc:
+        err.print(f"error: {exc}")
+        return 2
+
+    done = batch.completed_ids(args.output) if args.resume else set()
+    todo = [row for row in rows if batch.id_key(row.id) not in done]
+    for row in todo:
+        if row.error:
+            print(f"{args.input}:{row.line}: skipped: {row.error}", file=sys.stderr)
+    if done:
+        print(
+            f"Resuming: {len(rows) - len(todo)} of {len(rows)} rows are already in {args.output}."
+        )
+    if not todo:
+        print(f"Nothing to do: all {len(rows)} rows are in {args.output}.")
+        return 0
+
+    params = GenerationParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed
+    )
+    resources: list = []
+    reporter = None
+    try:
+        outcomes = _outcomes(args, todo, params, resources)
+        reporter = Reporter(len(todo), Console())
+        with batch.OutputWriter(args.output, append=args.resume) as writer:
+            try:
+                for outcome in outcomes:
+                    reporter.update(writer.write(outcome))
+            finally:
+                outcomes.close()  # cancels rows still running if we stop early
+    except KeyboardInterrupt:
+        if reporter:
+            reporter.stop()
+        written = reporter.rows if reporter else 0
+        err.print(
+            f"Interrupted: {written} rows were written to {args.output}. "
+            "Run the same command with --resume to finish the rest."
+        )
+        return 130
+    except (registry.RegistryError, BackendError) as exc:
+        if reporter:
+            reporter.stop()
+        err.print(f"error: {exc}")
+        return 2
+    finally:
+        for resource in resources:
+            resource.close()
+    reporter.stop()
+    rows_s, tok_s = reporter.rates()
+    elapsed = time.perf_counter() - reporter.start
+    print(
+        f"Done: {reporter.rows} rows in {elapsed:.1f} s ({rows_s:.2f} rows/s, {tok_s:.1f} tok/s, "
+        f"{reporter.tokens} tokens), {reporter.errors} failed. Results: {args.output}"
+    )
+    if reporter.errors:
+        print(
+            'Failed rows carry an "error" field saying why (malformed rows were also listed above).'
+        )
+    return 1 if reporter.errors else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
