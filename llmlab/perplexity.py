@@ -42,13 +42,16 @@ class Scorer(Protocol):
 @dataclass
 class PerplexityResult:
     """One evaluation: the perplexity, its mean negative log-likelihood (nats per token),
-    how many tokens were scored, in how many windows, and how long it took."""
+    how many tokens were scored, in how many windows, how long it took, and, against a
+    reference, the mean KL divergence and the top-1 agreement."""
 
     perplexity: float
     nll: float
     tokens: int
     windows: int
     seconds: float
+    kl: float | None = None
+    top1: float | None = None
 
 
 def windows(n_tokens: int, n_ctx: int, stride: int) -> list[tuple[int, int, int]]:
@@ -71,16 +74,70 @@ def windows(n_tokens: int, n_ctx: int, stride: int) -> list[tuple[int, int, int]
     return plan
 
 
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Log-probabilities from scores, row by row, computed stably in float64."""
+    logits = np.asarray(logits, dtype=np.float64)
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
 def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """Negative log-probability of each target under softmax(logits row), in nats.
 
     >>> float(token_nll(np.zeros((1, 4)), np.array([2]))[0]) == math.log(4)
     True
     """
-    logits = np.asarray(logits, dtype=np.float64)
-    peak = logits.max(axis=1, keepdims=True)
-    log_z = peak[:, 0] + np.log(np.exp(logits - peak).sum(axis=1))
-    return log_z - logits[np.arange(len(targets)), targets]
+    return -log_softmax(logits)[np.arange(len(targets)), targets]
+
+
+@dataclass
+class Reference:
+    """A reference model's log-probabilities on a text, to compare other versions with."""
+
+    tokens: list[int]
+    plan: list[tuple[int, int, int]]
+    logprobs: list[np.ndarray]  # per window, the rows that score its targets (float32)
+
+    @property
+    def perplexity(self) -> float:
+        """The reference model's own perplexity on these tokens."""
+        nll = -sum(
+            float(rows[np.arange(end - first), self.tokens[first:end]].sum())
+            for rows, (_, end, first) in zip(self.logprobs, self.plan, strict=True)
+        )
+        return math.exp(nll / (len(self.tokens) - 1))
+
+
+def reference(
+    model: Any,
+    text: str,
+    n_ctx: int = 512,
+    stride: int | None = None,
+    max_tokens: int | None = None,
+) -> Reference:
+    """Score ``text`` once with the reference ``model`` (e.g. the full-precision file) and
+    keep its distributions, for :func:`evaluate`'s ``reference`` argument."""
+    scorer = as_scorer(model, n_ctx)
+    tokens = _tokens(scorer, text, max_tokens)
+    plan = windows(len(tokens), n_ctx, stride or n_ctx // 2)
+    logprobs = [
+        log_softmax(scorer.logits(tokens[b:e])[f - 1 - b : e - 1 - b]).astype(np.float32)
+        for b, e, f in plan
+    ]
+    _close(scorer, model)
+    return Reference(tokens, plan, logprobs)
+
+
+def _tokens(scorer: Scorer, text: str, max_tokens: int | None) -> list[int]:
+    tokens = scorer.tokenize(text, add_bos=True)[: max_tokens or None]
+    if len(tokens) < 2:
+        raise ValueError("perplexity needs a text of at least two tokens")
+    return tokens
+
+
+def _close(scorer: Any, model: Any) -> None:
+    if scorer is not model and hasattr(scorer, "close"):
+        scorer.close()  # a scorer made here for a path or backend: free its context now
 
 
 def evaluate(
@@ -89,22 +146,43 @@ def evaluate(
     n_ctx: int = 512,
     stride: int | None = None,
     max_tokens: int | None = None,
+    reference: Reference | None = None,
 ) -> PerplexityResult:
-    """Perplexity of ``model`` on ``text`` with the full details (see :func:`perplexity`)."""
+    """Perplexity of ``model`` on ``text`` with the full details (see :func:`perplexity`).
+
+    With a ``reference`` (from :func:`reference`) the same tokens and windows are scored,
+    and the result also has ``kl``: the mean KL divergence from the reference's next-token
+    distribution to this model's (nats per token; 0 = identical), and ``top1``: how often
+    both pick the same most likely token. These see small quantization damage that
+    perplexity on a short text hides in its noise.
+    """
     scorer = as_scorer(model, n_ctx)
-    tokens = scorer.tokenize(text, add_bos=True)[: max_tokens or None]
-    if len(tokens) < 2:
-        raise ValueError("perplexity needs a text of at least two tokens")
-    plan = windows(len(tokens), n_ctx, stride or n_ctx // 2)
+    if reference is not None:
+        tokens, plan = reference.tokens, reference.plan
+    else:
+        tokens = _tokens(scorer, text, max_tokens)
+        plan = windows(len(tokens), n_ctx, stride or n_ctx // 2)
     start = time.perf_counter()
-    total = 0.0
-    for begin, end, first in plan:
-        logits = scorer.logits(tokens[begin:end])
-        rows = logits[first - 1 - begin : end - 1 - begin]
-        total += float(token_nll(rows, np.asarray(tokens[first:end])).sum())
+    total = kl = agree = 0.0
+    for index, (begin, end, first) in enumerate(plan):
+        rows = log_softmax(scorer.logits(tokens[begin:end])[first - 1 - begin : end - 1 - begin])
+        total -= float(rows[np.arange(end - first), tokens[first:end]].sum())
+        if reference is not None:
+            ref = reference.logprobs[index].astype(np.float64)
+            kl += float((np.exp(ref) * (ref - rows)).sum())
+            agree += float((ref.argmax(axis=1) == rows.argmax(axis=1)).sum())
+    _close(scorer, model)
     scored = len(tokens) - 1
     nll = total / scored
-    return PerplexityResult(math.exp(nll), nll, scored, len(plan), time.perf_counter() - start)
+    return PerplexityResult(
+        math.exp(nll),
+        nll,
+        scored,
+        len(plan),
+        time.perf_counter() - start,
+        max(kl / scored, 0.0) if reference is not None else None,  # rounding can give -0.0
+        agree / scored if reference is not None else None,
+    )
 
 
 def perplexity(

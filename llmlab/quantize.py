@@ -259,6 +259,8 @@ class Measurement:
     peak_memory_bytes: int
     perplexity: float
     answer: str
+    kl: float | None = None  # mean KL divergence from the reference (nats per token)
+    top1: float | None = None  # share of positions where the reference's favourite token wins
 
 
 def measure(
@@ -271,12 +273,15 @@ def measure(
     max_tokens: int = 32,
     n_ctx: int = 256,
     ppl_tokens: int = 256,
+    reference: perplexity.Reference | None = None,
 ) -> Measurement:
     """Load a model with ``load()``, time its loading and a greedy chat reply to ``prompt``,
     record the peak resident memory meanwhile, then score ``ppl_tokens`` tokens of ``text``.
 
     ``load`` returns a loaded local backend (llama.cpp or transformers); it is closed after.
-    Peak memory is this process's resident memory added while loading and replying.
+    Peak memory is this process's resident memory added while loading and replying. With a
+    ``reference`` (:func:`llmlab.perplexity.reference`) its tokens are scored and the KL
+    divergence and top-1 agreement are recorded too.
     """
     with peak_memory() as memory:
         with timer() as loading:
@@ -286,7 +291,9 @@ def measure(
             [{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0
         )
     try:
-        ppl = perplexity.perplexity(model, text, n_ctx=n_ctx, max_tokens=ppl_tokens)
+        scores = perplexity.evaluate(
+            model, text, n_ctx=n_ctx, max_tokens=ppl_tokens, reference=reference
+        )
     finally:
         model.close()
     return Measurement(
@@ -295,8 +302,10 @@ def measure(
         loading.seconds,
         reply.timings.tokens_per_second,
         memory.added,
-        ppl,
+        scores.perplexity,
         reply.text.strip(),
+        scores.kl,
+        scores.top1,
     )
 
 
@@ -308,6 +317,7 @@ def measure_variants(
     max_tokens: int = 32,
     n_ctx: int = 256,
     ppl_tokens: int = 256,
+    reference: perplexity.Reference | None = None,
     model: str | None = None,
     settings: Settings | None = None,
     progress: Progress = _quiet,
@@ -331,15 +341,24 @@ def measure_variants(
                 max_tokens=max_tokens,
                 n_ctx=n_ctx,
                 ppl_tokens=ppl_tokens,
+                reference=reference,
             )
         )
     return results
 
 
+def _fmt(value: float | None, spec: str) -> str:
+    width = int(spec.split(".")[0])
+    return f"{'-':>{width}}" if value is None else format(value, spec)
+
+
 def table(rows: list[Measurement], answer_width: int = 48) -> str:
-    """The measurements as a plain-text table (one line per version)."""
+    """The measurements as a plain-text table (one line per version): size, load time,
+    decode tokens/s, peak memory, perplexity, KL divergence and top-1 agreement with the
+    reference (``-`` without one), and the start of the answer."""
     head = (
-        f"{'version':<14}{'size MiB':>9}{'load s':>8}{'tok/s':>8}{'peak MiB':>9}{'ppl':>8}  answer"
+        f"{'version':<14}{'size MiB':>9}{'load s':>8}{'tok/s':>8}{'peak MiB':>9}{'ppl':>8}"
+        f"{'KL':>8}{'top1':>6}  answer"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -347,7 +366,8 @@ def table(rows: list[Measurement], answer_width: int = 48) -> str:
         answer = answer if len(answer) <= answer_width else answer[: answer_width - 1] + "…"
         lines.append(
             f"{r.label:<14}{r.size_bytes / 2**20:>9.1f}{r.load_seconds:>8.2f}"
-            f"{r.tokens_per_second:>8.1f}{r.peak_memory_bytes / 2**20:>9.0f}{r.perplexity:>8.2f}  {answer}"
+            f"{r.tokens_per_second:>8.1f}{r.peak_memory_bytes / 2**20:>9.0f}{r.perplexity:>8.2f}"
+            f"{_fmt(r.kl, '8.4f')}{_fmt(r.top1, '6.0%')}  {answer}"
         )
     return "\n".join(lines)
 

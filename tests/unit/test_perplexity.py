@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from llmlab.perplexity import evaluate, perplexity, token_nll, windows
+from llmlab.perplexity import evaluate, perplexity, reference, token_nll, windows
 
 V = 7  # vocabulary of the stand-in models
 
@@ -95,3 +95,28 @@ def test_max_tokens_scores_only_the_beginning():
 def test_a_text_of_one_token_is_refused():
     with pytest.raises(ValueError, match="at least two tokens"):
         perplexity(UniformModel(), "3")
+
+
+def test_the_reference_itself_has_no_divergence():
+    text = counting_text(30)
+    ref = reference(CountingModel(0.9), text, n_ctx=8, stride=4)
+    result = evaluate(CountingModel(0.9), text, n_ctx=8, reference=ref)
+    assert result.kl == pytest.approx(0, abs=1e-6)
+    assert result.top1 == 1.0
+    assert evaluate(CountingModel(0.9), text, n_ctx=8).kl is None
+
+
+def test_kl_divergence_from_the_reference_matches_the_formula():
+    text = counting_text(30)
+    ref = reference(CountingModel(0.9), text, n_ctx=8, stride=4)
+    result = evaluate(CountingModel(0.5), text, n_ctx=8, reference=ref)
+    expected = 0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5)
+    assert result.kl == pytest.approx(expected, rel=1e-5)
+    assert result.top1 == 1.0  # less sure, but still the same favourite
+    assert result.perplexity == pytest.approx(2.0)
+
+
+def test_the_reference_knows_its_own_perplexity():
+    text = counting_text(30)
+    ref = reference(CountingModel(0.8), text, n_ctx=8, stride=4)
+    assert ref.perplexity == pytest.approx(perplexity(CountingModel(0.8), text, n_ctx=8, stride=4))
