@@ -16,6 +16,9 @@ import pytest
 from part5.combined_app import ServerSettings
 from part5.combined_app.background import running_server
 
+# threads=1: these tests check behaviour, not speed, and one llama.cpp thread never stalls
+# waiting for a second one when other work shares the CPU (many threads can be 20x slower then).
+
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = [
     "--headless",
@@ -41,7 +44,9 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def base_url(tmp_path_factory):
     with running_server(
-        ServerSettings(home=tmp_path_factory.mktemp("home"), parallel=2, max_tokens_limit=2000)
+        ServerSettings(
+            threads=1, home=tmp_path_factory.mktemp("home"), parallel=2, max_tokens_limit=2000
+        )
     ) as url:
         yield url
 

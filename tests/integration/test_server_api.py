@@ -16,6 +16,9 @@ from openai import OpenAI
 from part5.combined_app import ServerSettings
 from part5.combined_app.background import running_server
 
+# threads=1: these tests check behaviour, not speed, and one llama.cpp thread never stalls
+# waiting for a second one when other work shares the CPU (many threads can be 20x slower then).
+
 pytestmark = pytest.mark.slow
 
 HELLO = [{"role": "user", "content": "Name three colours."}]
@@ -24,7 +27,7 @@ HELLO = [{"role": "user", "content": "Name three colours."}]
 @pytest.fixture(scope="module")
 def base_url(tmp_path_factory):
     settings = ServerSettings(
-        home=tmp_path_factory.mktemp("home"), parallel=2, max_tokens_limit=512
+        threads=1, home=tmp_path_factory.mktemp("home"), parallel=2, max_tokens_limit=512
     )
     with running_server(settings) as url:
         yield url

@@ -12,6 +12,9 @@ from llmlab.rag import DocumentStore
 from part5.combined_app import ServerSettings
 from part5.combined_app.background import running_server
 
+# threads=1: these tests check behaviour, not speed, and one llama.cpp thread never stalls
+# waiting for a second one when other work shares the CPU (many threads can be 20x slower then).
+
 pytestmark = pytest.mark.slow
 
 DOCS = Path(__file__).resolve().parents[2] / "part3" / "data" / "docs"
@@ -25,7 +28,7 @@ def home(tmp_path_factory):
 @pytest.fixture(scope="module")
 def http(home):
     with (
-        running_server(ServerSettings(home=home, parallel=2)) as url,
+        running_server(ServerSettings(threads=1, home=home, parallel=2)) as url,
         httpx.Client(base_url=url, timeout=180) as client,
     ):
         yield client

@@ -13,6 +13,9 @@ from openai import OpenAI
 from part5.combined_app import ServerSettings
 from part5.combined_app.background import running_server
 
+# threads=1: these tests check behaviour, not speed, and one llama.cpp thread never stalls
+# waiting for a second one when other work shares the CPU (many threads can be 20x slower then).
+
 pytestmark = pytest.mark.slow
 
 HELLO = [{"role": "user", "content": "Hello"}]
@@ -23,6 +26,7 @@ COUNTING = {"prompt": "1, 2, 3, 4, 5, 6,", "max_tokens": 2000, "temperature": 0,
 @pytest.fixture(scope="module")
 def guarded(tmp_path_factory):
     settings = ServerSettings(
+        threads=1,
         home=tmp_path_factory.mktemp("home"),
         parallel=1,
         api_key="s3cret",
@@ -87,6 +91,7 @@ def test_a_prompt_over_the_token_limit_is_400(guarded):
 @pytest.fixture(scope="module")
 def tiny_queue(tmp_path_factory):
     settings = ServerSettings(
+        threads=1,
         home=tmp_path_factory.mktemp("home"),
         parallel=1,
         queue_size=1,
