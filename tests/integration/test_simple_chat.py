@@ -246,6 +246,13 @@ def test_unknown_model_exits_2_with_a_suggestion(chat):
     assert "python part5/model_registry.py list" in err
 
 
+def test_a_missing_model_file_exits_2(chat, tmp_path):
+    code, out, err = chat(None, "--model", str(tmp_path / "mine.gguf"), "--prompt", "hi")
+    assert code == 2
+    assert err.count("\n") == 1
+    assert "mine.gguf does not exist" in err and "model_registry.py add PATH" in err
+
+
 def test_unreachable_server_exits_2_saying_what_to_do(chat):
     code, out, err = chat(
         None,
