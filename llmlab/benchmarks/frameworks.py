@@ -112,6 +112,9 @@ def measure(
 
     prompts = prompts or PROMPTS
     engines = engines or [e for e in ENGINES if "8bit" not in e or bitsandbytes_available()]
+    unknown = [e for e in engines if e not in ENGINES]
+    if unknown:
+        raise ValueError(f"Unknown engine {', '.join(unknown)}. Use: {', '.join(ENGINES)}.")
     threads = threads or list(range(1, cpu_cores() + 1))
     rows: list[Row] = []
     base: dict[str, Row] = {}

@@ -349,7 +349,7 @@ CI_PARAMETERS = {
     "PPL_TOKENS": 96,
     "N_CTX": 96,
     "DECODE_TOKENS": 12,
-    "TORCH_VARIANTS": ["fp32", "dynamic int8"],
+    "TORCH_VARIANTS": ["dynamic int8"],
 }
 
 
