@@ -35,11 +35,11 @@ def parameters_cell(nb: nbformat.NotebookNode) -> nbformat.NotebookNode | None:
 
 def snapshot(folder: Path) -> dict[str, int]:
     """Files under ``folder`` with their modification times, to spot anything a run wrote.
-    Notebooks themselves are left out: authors add and edit them, running them does not."""
+    Notebooks and READMEs are left out: authors add and edit them, running them does not."""
     return {
         str(p.relative_to(folder)): p.stat().st_mtime_ns
         for p in folder.rglob("*")
-        if p.is_file() and p.suffix != ".ipynb"
+        if p.is_file() and p.suffix not in {".ipynb", ".md"}
     }
 
 
