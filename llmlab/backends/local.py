@@ -12,6 +12,8 @@ An engine subclass only supplies loading, tokenizing, the chat template and a
 
 from __future__ import annotations
 
+import sys
+
 import threading
 import time
 from abc import abstractmethod
@@ -278,9 +280,10 @@ def _free_memory() -> None:
     import gc
 
     gc.collect()
-    try:
-        import torch
-    except ImportError:
+    # Only a process that already uses torch can hold GPU caches; importing it here
+    # would add ~190 MB to a llama.cpp-only process.
+    torch = sys.modules.get("torch")
+    if torch is None:
         return
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
