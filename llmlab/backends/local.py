@@ -13,7 +13,6 @@ An engine subclass only supplies loading, tokenizing, the chat template and a
 from __future__ import annotations
 
 import sys
-
 import threading
 import time
 from abc import abstractmethod
