@@ -19,11 +19,11 @@ variant can be better than the Q4_1 original.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,6 +129,25 @@ def write_full_precision(src: Path, dst: Path, progress: Progress = _quiet) -> P
 # --------------------------------------------------------------------------- quantize
 
 
+@contextmanager
+def _silenced_output() -> Iterator[None]:
+    """Send this process's stdout and stderr file descriptors to /dev/null meanwhile
+    (C libraries write there directly, past Python's sys.stdout)."""
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    saved = [os.dup(1), os.dup(2)]
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, null):
+            os.close(fd)
+
+
 def quantize_file(src: Path, dst: Path, tag: str, threads: int | None = None) -> Path:
     """Quantize the GGUF ``src`` to type ``tag`` with llama.cpp's ``llama_model_quantize``.
 
@@ -144,13 +163,8 @@ def quantize_file(src: Path, dst: Path, tag: str, threads: int | None = None) ->
     params.nthread = threads or get_settings().threads
     tmp = dst.with_name(dst.name + ".partial")
     dst.parent.mkdir(parents=True, exist_ok=True)
-    log = logging.getLogger("llama-cpp-python")  # llama.cpp prints a line per tensor otherwise
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
+    with _silenced_output():  # llama.cpp prints a line or two per tensor
         code = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
-    finally:
-        log.setLevel(level)
     if code != 0 or not tmp.exists():
         tmp.unlink(missing_ok=True)
         raise RuntimeError(f"llama.cpp could not quantize {src.name} to {tag} (code {code}).")

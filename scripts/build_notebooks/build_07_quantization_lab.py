@@ -150,8 +150,9 @@ CELLS = [
     **What llama.cpp actually did.** The k-quants (Q6_K … Q2_K) work on super-blocks of
     256 values, but SmolLM2's hidden size is 576 = 2.25 × 256. Every matrix whose rows
     are 576 long cannot use them, and llama.cpp falls back to a classic 32-value type
-    (it prints "N of 272 tensors required fallback quantization"). Counting the tensor
-    types in each file shows the real recipe:
+    (the `llama-quantize` tool warns for each tensor and ends with "N of 272 tensor(s)
+    required fallback quantization"; the lab silences that log). Counting the tensor types
+    in each file shows the real recipe:
     """),
     code("""
     for tag, path in paths.items():
@@ -254,10 +255,13 @@ CELLS = [
     and *peak* includes the fp32 model that dynamic int8 and bitsandbytes start from.
     """),
     code("""
+    import logging
+
     import torch
 
     warnings.filterwarnings("ignore", category=UserWarning)  # torch.ao deprecation notices
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # a casting notice per layer call
 
 
     def dynamic_int8():
@@ -313,6 +317,18 @@ CELLS = [
     print(quantize.table(torch_rows))
     """),
     md("""
+    Two checks and two lessons in this table:
+
+    - transformers **fp32** runs the very weights of the llama.cpp `f16` file, so their
+      perplexities agree and the KL divergence between them is about zero: the two
+      engines, and the perplexity code, agree with each other.
+    - **8 bits are not all alike.** Dynamic int8 has one scale for a whole matrix and
+      also rounds the activations to 8 bits; a few large values then squeeze every other
+      weight onto a handful of levels. bitsandbytes int8 keeps those outlier features in
+      16 bits and stays close to fp32, like llama.cpp's Q8_0 with a scale per 32 weights.
+    - nf4 (4 bits, blocks of 64) loses more than llama.cpp's 4- and 5-bit files, which
+      keep sensitive tensors at higher precision.
+
     ## Where quality breaks
 
     The same question, answered greedily (always the most likely token) by every version.
@@ -333,6 +349,9 @@ CELLS = [
       Q4_K_M here, while on a 7B model it would be about half its size.
     - Perplexity on a short text has noise of a few percent: adjacent versions can swap
       places. KL divergence against the reference ranks them reliably.
+    - Simple factual answers survive heavy quantization; the first to break are longer,
+      looser answers (the 2-bit file rambles, nf4 drifts into another language). Test
+      the tasks you care about, not just one question.
     - llama.cpp's formats come with fast kernels for every CPU; PyTorch's dynamic int8 and
       bitsandbytes save memory but, on a CPU, not necessarily time. Notebook 08 compares
       the engines head to head.
