@@ -13,6 +13,7 @@ same run. Notebook 08 reads these rows from ``bench-results/bench.json``.
 from __future__ import annotations
 
 import importlib.util
+import logging
 from collections.abc import Callable
 from statistics import median
 from typing import Any
@@ -110,6 +111,8 @@ def measure(
     ``scaling`` engines with each thread count in ``threads`` (default 1..N cores)."""
     from llmlab import backends
 
+    # bitsandbytes logs a casting notice on every 8-bit matrix product on a CPU.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     prompts = prompts or PROMPTS
     engines = engines or [e for e in ENGINES if "8bit" not in e or bitsandbytes_available()]
     unknown = [e for e in engines if e not in ENGINES]
