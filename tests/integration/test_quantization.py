@@ -44,8 +44,9 @@ def measure_all(paths: dict[str, Path], config: dict) -> dict[str, dict[str, flo
 
 
 @pytest.fixture(scope="module")
-def variants(request) -> dict[str, Path]:
-    home = request.config.cache.mkdir("llmlab-quantized")
+def variants(request, tmp_path_factory) -> dict[str, Path]:
+    cache = getattr(request.config, "cache", None)  # absent under -p no:cacheprovider
+    home = cache.mkdir("llmlab-quantized") if cache else tmp_path_factory.mktemp("quantized")
     return quantize.build(quantize.TAGS, settings=get_settings(home=home))
 
 
