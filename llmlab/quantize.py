@@ -6,14 +6,14 @@ one in the model catalog as ``name:tag`` (e.g. ``smollm2-135m-instruct:q4_k_m``)
     from llmlab import quantize
     paths = quantize.build(["q8_0", "q4_k_m"])      # cached under $LLMLAB_HOME/models/<name>/
     specs = quantize.register(paths)                 # now usable by every program
-    quantize.tensor_types(paths["q4_k_m"])           # Counter({'Q4_K': 120, 'F32': 61, ...})
+    quantize.tensor_types(paths["q4_k_m"])           # Counter({'Q5_0': 166, 'F32': 61, 'Q4_K': 16, ...})
 
 The steps are the ones used for published GGUF files: first a full-precision file
 (``f16``: every tensor dequantized, the original metadata, tokenizer and chat template
 copied), then ``llama_model_quantize`` from that file to each type. Here the only copy
 of the model that ships is already quantized (Q4_1), so ``f16`` holds exactly the Q4_1
-weights in 16-bit form: it is the reference the variants are compared with, and no
-variant can be better than the Q4_1 original.
+weights in 16-bit form: it is the reference the variants are compared with, and none of
+them can recover the precision the Q4_1 file had already lost.
 """
 
 from __future__ import annotations
