@@ -177,10 +177,14 @@ class LocalBackend(Backend):
 
     # --- token-level API (lessons on tokens, logits and templates) -------------------
 
-    def tokenize(self, text: str, add_bos: bool = False) -> list[int]:
-        """Token ids of plain ``text`` (control-token names are not parsed as such)."""
+    def tokenize(self, text: str, add_bos: bool = False, special: bool = False) -> list[int]:
+        """Token ids of ``text``.
+
+        With ``special=True`` control-token names such as ``<|im_start|>`` become their
+        single control token (as in a rendered chat prompt); by default they are plain text.
+        """
         self.ensure_loaded()
-        return self._encode(text, add_bos=add_bos, special=False)
+        return self._encode(text, add_bos=add_bos, special=special)
 
     def next_token_logits(self, ids: list[int]) -> np.ndarray:
         """float32 scores over the vocabulary for the token that follows ``ids``."""

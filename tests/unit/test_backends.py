@@ -133,3 +133,15 @@ def test_corrupt_user_model_file_gives_a_backend_error_saying_what_to_do(tmp_pat
     ):
         model.chat([{"role": "user", "content": "hi"}], max_tokens=2)
     assert model.loaded is False
+
+
+@pytest.mark.slow
+def test_tokenize_parses_control_tokens_only_when_asked():
+    model = backends.load(backend="llama.cpp")
+    try:
+        as_text = model.tokenize("<|im_start|>user")
+        as_control = model.tokenize("<|im_start|>user", special=True)
+        assert len(as_control) < len(as_text)
+        assert model.detokenize(as_control[:1]) == "<|im_start|>"
+    finally:
+        model.close()
