@@ -265,6 +265,8 @@ class Engine:
             gpu_layers = settings.gpu_layers if llama_cpp.llama_supports_gpu_offload() else 0
         self._load(gpu_layers)
 
+        self._model_lock = threading.Lock()
+        self._freed = False
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._waiting: collections.deque[Handle] = collections.deque()
@@ -385,7 +387,10 @@ class Engine:
         """
         if (request.messages is None) == (request.prompt is None):
             raise ValueError("a Request needs exactly one of messages or prompt")
-        tokens = self.prompt_tokens(request)
+        with self._model_lock:  # close() must not free the vocabulary while we tokenize
+            if self._freed:
+                raise EngineError("the engine is closed; create a new one")
+            tokens = self.prompt_tokens(request)
         if not tokens:
             raise ValueError("the prompt is empty")
         if len(tokens) + request.params.max_tokens > self.n_ctx:
@@ -442,10 +447,12 @@ class Engine:
             self._closing = True
             self._wake.notify()
         self._thread.join()
-        ll = self._ll
-        ll.llama_batch_free(self._batch)
-        ll.llama_free(self._ctx)
-        ll.llama_model_free(self._model)
+        with self._model_lock:
+            self._freed = True
+            ll = self._ll
+            ll.llama_batch_free(self._batch)
+            ll.llama_free(self._ctx)
+            ll.llama_model_free(self._model)
 
     def __enter__(self) -> Engine:
         return self

@@ -1,0 +1,138 @@
+"""The batched engine on the real default model: same greedy text alone, beside others and
+through the llama.cpp backend; streaming, stop strings, cancel, a full queue, closing."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from llmlab import backends
+from llmlab.backends.base import ContextOverflowError
+from llmlab.engine import Engine, EngineError, QueueFullError, Request
+
+pytestmark = pytest.mark.slow
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Write a haiku about rain.",
+    "List three fruits.",
+    "Explain gravity to a child.",
+]
+
+
+def chat(question, **params):
+    return Request.chat([{"role": "user", "content": question}], **params)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    with Engine(parallel=4, n_ctx=512) as e:
+        yield e
+
+
+def test_greedy_text_is_the_same_alone_beside_others_and_through_the_backend(engine):
+    together = [engine.submit(chat(q, max_tokens=24, temperature=0)) for q in QUESTIONS]
+    together = [h.result() for h in together]
+    assert engine.max_batch_sequences >= 2  # they really were decoded in the same steps
+    alone = [
+        engine.chat([{"role": "user", "content": q}], max_tokens=24, temperature=0)
+        for q in QUESTIONS
+    ]
+    assert [r.text for r in together] == [r.text for r in alone]
+    assert all(r.text for r in together)
+    model = backends.load(backend="llama.cpp", n_ctx=512)
+    try:
+        reference = [
+            model.chat([{"role": "user", "content": q}], max_tokens=24, temperature=0)
+            for q in QUESTIONS
+        ]
+    finally:
+        model.close()
+    assert [r.text for r in together] == [r.text for r in reference]
+    assert [r.usage for r in together] == [r.usage for r in reference]
+    assert [r.finish_reason for r in together] == [r.finish_reason for r in reference]
+
+
+def test_stream_pieces_add_up_to_the_result_and_end_with_usage(engine):
+    handle = engine.submit(chat("Name a colour.", max_tokens=12, temperature=0))
+    chunks = list(handle.stream())
+    result = handle.result()
+    assert "".join(c.text for c in chunks) == result.text
+    assert chunks[-1].finish_reason == result.finish_reason in ("stop", "length")
+    assert chunks[-1].usage.completion_tokens == result.usage.completion_tokens <= 12
+    assert result.usage.prompt_tokens == len(handle.prompt_tokens)
+
+
+def test_max_tokens_and_stop_strings(engine):
+    long = engine.submit(chat(QUESTIONS[3], max_tokens=5, temperature=0)).result()
+    assert long.finish_reason == "length" and long.usage.completion_tokens == 5
+    full = engine.chat([{"role": "user", "content": QUESTIONS[2]}], max_tokens=24, temperature=0)
+    word = full.text.split()[2]
+    cut = engine.chat(
+        [{"role": "user", "content": QUESTIONS[2]}], max_tokens=24, temperature=0, stop=[word]
+    )
+    assert cut.finish_reason == "stop" and word not in cut.text
+    assert full.text.startswith(cut.text)
+
+
+def test_seeded_sampling_repeats_and_raw_completion_works(engine):
+    a = engine.submit(chat("Tell me a story.", max_tokens=10, temperature=1.0, seed=3))
+    b = engine.submit(chat("Tell me a story.", max_tokens=10, temperature=1.0, seed=3))
+    assert a.result().text == b.result().text
+    raw = engine.submit(
+        Request.completion("The capital of France is", max_tokens=4, temperature=0)
+    ).result()
+    assert raw.usage.completion_tokens >= 1 and raw.text
+
+
+def test_cancel_frees_the_slot_for_the_next_request():
+    with Engine(parallel=1, n_ctx=256) as engine:
+        started = threading.Event()
+        release = threading.Event()
+
+        def hold(chunk):
+            started.set()
+            release.wait(30)  # runs on the engine thread: the engine waits here
+
+        first = engine.submit(chat(QUESTIONS[3], max_tokens=200, temperature=0), on_chunk=hold)
+        second = engine.submit(chat(QUESTIONS[0], max_tokens=4, temperature=0))
+        assert started.wait(120)
+        assert engine.active == 1 and engine.queued == 1
+        first.cancel()
+        release.set()
+        assert first.result(120).finish_reason == "interrupted"
+        assert first.result().usage.completion_tokens < 200
+        assert second.result(120).usage.completion_tokens >= 1
+        assert engine.active == 0 and engine.queued == 0
+
+
+def test_a_full_queue_refuses_and_cancelled_waiting_requests_leave_it():
+    with Engine(parallel=1, n_ctx=256, max_queue=1) as engine:
+        started, release = threading.Event(), threading.Event()
+        running = engine.submit(
+            chat(QUESTIONS[3], max_tokens=50, temperature=0),
+            on_chunk=lambda c: (started.set(), release.wait(30)),
+        )
+        assert started.wait(120)
+        waiting = engine.submit(chat(QUESTIONS[0], max_tokens=2))
+        with pytest.raises(QueueFullError, match="max_queue=1"):
+            engine.submit(chat(QUESTIONS[1], max_tokens=2))
+        waiting.cancel()
+        running.cancel()
+        release.set()
+        assert waiting.result(120).finish_reason == "interrupted"
+        assert waiting.result().usage.completion_tokens == 0
+        assert running.result(120).finish_reason == "interrupted"
+
+
+def test_requests_too_long_are_refused_and_a_closed_engine_says_so():
+    engine = Engine(parallel=2, n_ctx=128)
+    with pytest.raises(ContextOverflowError):
+        engine.submit(chat("word " * 200, max_tokens=8))
+    with pytest.raises(ValueError, match="exactly one"):
+        engine.submit(Request())
+    engine.close()
+    with pytest.raises(EngineError, match="closed"):
+        engine.submit(chat("hi", max_tokens=2))
+    engine.close()  # closing twice is harmless
