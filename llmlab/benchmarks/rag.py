@@ -1,0 +1,121 @@
+"""Document QA suite for ``make bench``: ingestion speed and query latency on the sample corpus.
+
+Measured in one run, on ``part3/data/docs`` in a throw-away store:
+
+* ingestion of the whole corpus (load, split, embed, store) in chunks per second, and a
+  second ingestion of the unchanged corpus (skipped by file hash) against the first;
+* query latency: embedding the question alone, retrieval (embed + vector search), a
+  "not in the documents" answer (retrieval only, no model) and a full answer with the
+  default chat model, each as a median over the question set and compared with retrieval.
+
+Models are loaded before timing starts, so the figures are per-query costs, not start-up.
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import tempfile
+from pathlib import Path
+
+from llmlab.bench import Row, timer
+from llmlab.rag import DocumentStore, QuestionAnswerer, get_embedder
+from llmlab.rag.evaluate import SAMPLE_DOCS, load_questions
+
+SUITE = "rag"
+
+
+def _median_ms(fn, items) -> float:
+    """Median wall time of ``fn(item)`` over ``items``, in milliseconds."""
+    times = []
+    for item in items:
+        with timer() as t:
+            fn(item)
+        times.append(t.seconds * 1000)
+    return statistics.median(times)
+
+
+def run(quick: bool = False) -> list[Row]:
+    """Ingest the sample corpus and time queries; quick: three files, two questions, 8 tokens."""
+    questions = load_questions()
+    answerable = [q.question for q in questions if q.answerable]
+    unanswerable = [q.question for q in questions if not q.answerable]
+    paths = sorted(SAMPLE_DOCS.iterdir())[:3] if quick else [SAMPLE_DOCS]
+    if quick:
+        answerable, unanswerable = answerable[:2], unanswerable[:2]
+    max_tokens = 8 if quick else 48
+    db = Path(tempfile.mkdtemp(prefix="llmlab-bench-rag-"))
+    try:
+        embedder = get_embedder()
+        embedder.embed_query("warm-up")  # loads the model before anything is timed
+        store = DocumentStore("bench", db_dir=db, embedder=embedder, create=True)
+        first = store.ingest(paths)
+        again = store.ingest(paths)
+        ingest = Row(
+            SUITE,
+            f"ingest sample corpus ({first.chunks_added} chunks)",
+            "speed",
+            first.chunks_added / first.seconds,
+            "chunks/s",
+        )
+        full_time = Row(SUITE, "ingest, all files new", "time", first.seconds * 1000, "ms")
+        rerun = Row.compared(
+            SUITE,
+            "ingest again, nothing changed",
+            "time",
+            again.seconds * 1000,
+            "ms",
+            baseline=full_time,
+            note=f"{again.chunks_skipped} chunks skipped",
+        )
+
+        embed = Row(
+            SUITE,
+            "embed the question only",
+            "latency",
+            _median_ms(embedder.embed_query, answerable),
+            "ms",
+        )
+        retrieval = Row(
+            SUITE,
+            "retrieval (top 3)",
+            "latency",
+            _median_ms(lambda q: store.search(q, 3), answerable),
+            "ms",
+        )
+        qa = QuestionAnswerer(store, max_tokens=max_tokens)
+        try:
+            qa.ask(answerable[0])  # loads the chat model
+            not_found = Row.compared(
+                SUITE,
+                "answer: not in the documents",
+                "latency",
+                _median_ms(qa.ask, unanswerable),
+                "ms",
+                baseline=retrieval,
+                note="no model call",
+            )
+            answered = Row.compared(
+                SUITE,
+                f"answer with citations ({max_tokens} tokens max)",
+                "latency",
+                _median_ms(qa.ask, answerable),
+                "ms",
+                baseline=retrieval,
+                note="default chat model, greedy",
+            )
+        finally:
+            qa.close()
+        return [
+            ingest,
+            full_time,
+            rerun,
+            Row.compared(
+                SUITE, embed.case, embed.metric, embed.value, embed.unit, baseline=retrieval
+            ),
+            retrieval,
+            not_found,
+            answered,
+        ]
+    finally:
+        shutil.rmtree(db, ignore_errors=True)
