@@ -158,19 +158,22 @@ def _outcomes(
     return batch.run_with_engine(engine, rows, params, args.system, args.template)
 
 
+def _error(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    err = Console(stderr=True)
     if args.parallel < 1 or args.max_tokens < 1:
-        err.print("error: --parallel and --max-tokens must be at least 1.")
+        _error("error: --parallel and --max-tokens must be at least 1.")
         return 2
     if not args.input.is_file():
-        err.print(
+        _error(
             f"error: input file {args.input} not found. Pass a .jsonl, .csv or .txt file of prompts."
         )
         return 2
     if args.output.exists() and args.output.stat().st_size and not (args.resume or args.overwrite):
-        err.print(
+        _error(
             f"error: {args.output} already has results. Add --resume to continue it, "
             "--overwrite to start again, or choose another -o file."
         )
@@ -178,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rows = list(batch.read_inputs(args.input, column=args.column, template=args.template))
     except (batch.InputError, UnicodeDecodeError) as exc:
-        err.print(f"error: {exc}")
+        _error(f"error: {exc}")
         return 2
 
     done = batch.completed_ids(args.output) if args.resume else set()
@@ -212,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         if reporter:
             reporter.stop()
         written = reporter.rows if reporter else 0
-        err.print(
+        _error(
             f"Interrupted: {written} rows were written to {args.output}. "
             "Run the same command with --resume to finish the rest."
         )
@@ -220,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     except (registry.RegistryError, BackendError) as exc:
         if reporter:
             reporter.stop()
-        err.print(f"error: {exc}")
+        _error(f"error: {exc}")
         return 2
     finally:
         for resource in resources:
