@@ -221,8 +221,7 @@ def cmd_ingest(args: argparse.Namespace, console: Console) -> int:
 def cmd_ask(args: argparse.Namespace, console: Console) -> int:
     """Answer one question, or read questions until an empty line in interactive mode."""
     store = DocumentStore(args.collection, args.db)
-    if store.count() == 0:
-        store.search("", 1)  # raises EmptyCollectionError with the hint to ingest
+    store.require_chunks()
     qa = QuestionAnswerer(
         store, args.model, top_k=args.top_k, threshold=args.threshold, max_tokens=args.max_tokens
     )
@@ -235,7 +234,8 @@ def cmd_ask(args: argparse.Namespace, console: Console) -> int:
         while True:
             try:
                 question = input("question> ").strip()
-            except EOFError:
+            except (EOFError, KeyboardInterrupt):
+                console.print()
                 break
             if question.lower() in ("", "exit", "quit"):
                 break

@@ -257,6 +257,16 @@ class DocumentStore:
         """Number of chunks stored."""
         return self.collection.count()
 
+    def require_chunks(self) -> int:
+        """Return the chunk count, or raise EmptyCollectionError (with the command to fix it) if 0."""
+        count = self.count()
+        if count == 0:
+            raise EmptyCollectionError(
+                f"Collection {self.name!r} is empty. Add documents first: "
+                f"python part3/document_qa.py ingest PATH --collection {self.name}"
+            )
+        return count
+
     def sources(self) -> dict[str, dict[str, Any]]:
         """Stored files: ``{source: {"file_hash", "chunking", "ids"}}``."""
         data = self.collection.get(include=["metadatas"])
@@ -337,12 +347,14 @@ class DocumentStore:
         if old:
             self.collection.delete(ids=old["ids"])
             report.chunks_removed += len(old["ids"])
-        if chunks:
+        batch = self.client.get_max_batch_size()
+        for start in range(0, len(chunks), batch):
+            part = chunks[start : start + batch]
             self.collection.add(
-                ids=[_chunk_id(c) for c in chunks],
-                embeddings=vectors,
-                documents=[c.text for c in chunks],
-                metadatas=[self._metadata(c, digest, chunking) for c in chunks],
+                ids=[_chunk_id(c) for c in part],
+                embeddings=vectors[start : start + batch],
+                documents=[c.text for c in part],
+                metadatas=[self._metadata(c, digest, chunking) for c in part],
             )
         report.chunks_added += len(chunks)
         return FileOutcome(path, "updated" if old else "added", len(chunks))
@@ -370,12 +382,7 @@ class DocumentStore:
         Raises:
             EmptyCollectionError: nothing has been ingested into this collection.
         """
-        count = self.count()
-        if count == 0:
-            raise EmptyCollectionError(
-                f"Collection {self.name!r} is empty. Add documents first: "
-                f"python part3/document_qa.py ingest PATH --collection {self.name}"
-            )
+        count = self.require_chunks()
         if not query.strip():
             raise RagError("The question is empty. Type a question about your documents.")
         result = self.collection.query(

@@ -1,5 +1,6 @@
-"""A local HTTP file server for the registry's download tests: Range requests, and a
-connection that drops after N bytes on demand (to test resuming)."""
+"""A local HTTP file server for the registry's download tests: Range requests, a
+connection that drops after N bytes on demand (to test resuming), and error statuses
+such as 403 for a gated file."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ class FileServer:
     drop_after: dict[str, int] = field(
         default_factory=dict
     )  # path -> bytes sent before hanging up, once
+    status: dict[str, int] = field(default_factory=dict)  # path -> error status to answer
     requests: list[dict] = field(default_factory=list)  # {"path", "range", "headers"}
     port: int = 0
 
@@ -47,8 +49,8 @@ def start(server: FileServer) -> ThreadingHTTPServer:
                 }
             )
             data = server.files.get(self.path)
-            if data is None:
-                self.send_response(404)
+            if data is None or self.path in server.status:
+                self.send_response(server.status.get(self.path, 404))
                 self.send_header("Content-Length", "0")
                 self.end_headers()
                 return

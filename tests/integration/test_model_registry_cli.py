@@ -167,6 +167,18 @@ def test_pull_hf_entry_uses_the_hub_url_and_token(server, payload, capsys, monke
     assert registry.resolve("hub-tiny").path.read_bytes() == payload
 
 
+def test_pull_gated_hf_file_says_how_to_store_a_token(server, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_ENDPOINT", server.url(""))
+    server.status["/owner/gated-repo/resolve/main/tiny.gguf"] = 403
+    code, _, err = run(
+        capsys, "pull", "hf:owner/gated-repo/tiny.gguf", "--name", "gated", "--no-progress"
+    )
+    assert code == 1
+    assert "answered HTTP 403: this file needs a login or accepting its licence" in err
+    assert "bash part3/scripts/huggingface_login.sh" in err
+
+
 def test_pull_hf_entry_offline_says_how_to_enable_downloads(capsys):
     code, _, err = run(capsys, "pull", "qwen2.5-0.5b-instruct")
     assert code == 1
