@@ -19,11 +19,12 @@ them can recover the precision the Q4_1 file had already lost.
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -131,8 +132,8 @@ def write_full_precision(src: Path, dst: Path, progress: Progress = _quiet) -> P
 
 @contextmanager
 def _silenced_output() -> Iterator[None]:
-    """Send this process's stdout and stderr file descriptors to /dev/null meanwhile
-    (C libraries write there directly, past Python's sys.stdout)."""
+    """Silence llama.cpp meanwhile: its log goes through a Python callback that prints to
+    ``sys.stderr``, and some messages are written straight to file descriptors 1 and 2."""
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     saved = [os.dup(1), os.dup(2)]
@@ -140,7 +141,8 @@ def _silenced_output() -> Iterator[None]:
     try:
         os.dup2(null, 1)
         os.dup2(null, 2)
-        yield
+        with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
+            yield
     finally:
         os.dup2(saved[0], 1)
         os.dup2(saved[1], 2)
