@@ -43,6 +43,10 @@ CELLS = [
         "parameters",
     ),
     code("""
+    import os
+
+    os.environ["TQDM_DISABLE"] = "1"  # no loading progress bars in the saved outputs
+
     import warnings
 
     import matplotlib.pyplot as plt

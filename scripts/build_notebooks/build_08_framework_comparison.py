@@ -46,6 +46,10 @@ CELLS = [
         "parameters",
     ),
     code("""
+    import os
+
+    os.environ["TQDM_DISABLE"] = "1"  # no loading progress bars in the saved outputs
+
     import json
     import warnings
     from pathlib import Path
@@ -54,11 +58,13 @@ CELLS = [
 
     import llmlab
     from llmlab.benchmarks import frameworks
-    from llmlab.hardware import cpu_cores, memory_info, human_bytes, pick_device
+    from llmlab.hardware import cpu_cores, human_bytes, memory_info, pick_device
+    from llmlab.settings import get_settings
 
     warnings.filterwarnings("ignore", category=UserWarning)  # bitsandbytes casting notices
     mem = memory_info()
     print(f"{cpu_cores()} cores, {human_bytes(mem.total_ram)} RAM, device: {pick_device()}")
+    print("threads per engine (LLMLAB_THREADS):", get_settings().threads)
     """),
     md("""
     ## 1. The figures
