@@ -56,8 +56,9 @@ def safe_file_name(raw: str | None) -> str:
             param="files",
             code="invalid_file_name",
         )
+    # Leading dots go too: no hidden files, and "." or ".." reduce to nothing.
     cleaned = _UNSAFE.sub("_", name).strip(" .")
-    if not cleaned or cleaned.startswith(".") or ".." in cleaned:
+    if not cleaned:
         raise APIError(
             400,
             f"File name {name!r} is not allowed; use letters, digits, '.', '-', '_' and spaces.",
