@@ -43,10 +43,6 @@ CELLS = [
         "parameters",
     ),
     code("""
-    import os
-
-    os.environ["TQDM_DISABLE"] = "1"  # no loading progress bars in the saved outputs
-
     import warnings
 
     import matplotlib.pyplot as plt
@@ -349,10 +345,11 @@ CELLS = [
     - Quantization is rounding in blocks: each bit removed roughly doubles the error of a
       weight, and how much of that reaches the output depends on which tensors lose bits.
     - **Measure on your model.** This model's 576-wide matrices forced llama.cpp onto
-      fallback types, so the names overstate the savings: Q2_K is barely smaller than
-      Q4_K_M here, while on a 7B model it would be about half its size.
+      fallback types, so the names overstate the savings: Q2_K is only about a sixth
+      smaller than Q4_K_M here, while on a 7B model it is about a third smaller.
     - Perplexity on a short text has noise of a few percent: adjacent versions can swap
-      places. KL divergence against the reference ranks them reliably.
+      places (Q8_0 and Q6_K did). KL divergence against the reference measures how far
+      each version moved, and it exposed the one real inversion (Q5_K_M vs Q4_K_M).
     - Simple factual answers survive heavy quantization; the first to break are longer,
       looser answers (the 2-bit file rambles, nf4 drifts into another language). Test
       the tasks you care about, not just one question.

@@ -46,10 +46,6 @@ CELLS = [
         "parameters",
     ),
     code("""
-    import os
-
-    os.environ["TQDM_DISABLE"] = "1"  # no loading progress bars in the saved outputs
-
     import json
     import warnings
     from pathlib import Path
@@ -118,16 +114,22 @@ CELLS = [
     CPU's vector instructions, and needs little memory beyond the file. transformers first
     dequantizes the whole file into fp32 tensors (slow to load, 4 bytes per weight) and
     then runs general-purpose PyTorch kernels, with Python overhead on every generated
-    token, which matters a lot for a model this small. bitsandbytes saves memory on the
-    weights, but its CPU kernels are a fallback: the int8 matrix products are slower than
-    fp32 ones here. On a CUDA GPU the picture changes (section 4).
+    token, which matters a lot for a model this small. The 8-bit model loads from a plain
+    checkpoint that the backend writes once and caches, so its load time is not the cost of
+    a first load. bitsandbytes saves memory on the weights, but its CPU kernels are a
+    fallback: its int8 matrix products are slower than PyTorch's fp32 ones. Time to first
+    token is close for all three here because the prompts are short; a long prompt (a
+    document to summarise) widens the gap. On a CUDA GPU the picture changes (section 4).
 
     ## 3. Thread scaling
 
     Generating one token reads every weight once, so decoding is mostly limited by memory
-    bandwidth, not arithmetic: more threads help until the memory bus is saturated. On a
-    machine that is busy with other work, extra threads can even slow things down,
-    because llama.cpp's threads wait for each other at every step.
+    bandwidth, not arithmetic: more threads help until the memory bus is saturated, and
+    only if the cores are free. llama.cpp's threads wait for each other at every step, so
+    when another program takes a core away they stall: on a busy machine one thread can be
+    much faster than two. The saved outputs of this notebook come from such a machine
+    (other jobs kept both cores busy), which is why the engines above ran with one thread
+    (`LLMLAB_THREADS=1`). On an idle laptop, run it again to see the usual picture.
     """),
     code("""
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
