@@ -248,12 +248,6 @@ def tensor_types(path: Path) -> Counter:
     return Counter(t.tensor_type.name for t in reader.tensors)
 
 
-def tensor_table(path: Path) -> list[tuple[str, str, tuple[int, ...]]]:
-    """``(name, type, shape)`` of every tensor in a GGUF file, in file order."""
-    reader = registry._header_reader_class()(str(path), "r")
-    return [(t.name, t.tensor_type.name, tuple(int(n) for n in t.shape)) for t in reader.tensors]
-
-
 # --------------------------------------------------------------------------- measuring
 
 HELDOUT = Path(__file__).with_name("data") / "heldout.txt"
