@@ -103,7 +103,8 @@ class Reporter:
         self.rows = self.errors = self.tokens = 0
         self.start = self._last_line = time.perf_counter()
         self.progress = None
-        if console.is_terminal:
+        # A real terminal only: a notebook or a pipe gets plain lines instead of a bar.
+        if console.is_terminal and sys.stdout.isatty():
             self.progress = Progress(
                 TextColumn("[bold]rows"),
                 BarColumn(),
