@@ -42,6 +42,9 @@ router = APIRouter(prefix="/api/collections", tags=["documents"])
 _UNSAFE = re.compile(r"[^A-Za-z0-9._ ()-]")
 # One writer at a time per server: Chroma's local store is not made for concurrent ingests.
 _write_lock = threading.Lock()
+# Chroma's client set-up is not thread-safe: two requests opening the store at once can
+# fail ("Could not connect to tenant"), so opening is serialised too.
+_open_lock = threading.Lock()
 
 
 def safe_file_name(raw: str | None) -> str:
@@ -90,7 +93,8 @@ def _db_dir(request: Request) -> Path:
 
 def _open_store(request: Request, collection: str, create: bool = False) -> DocumentStore:
     try:
-        return DocumentStore(collection, db_dir=_db_dir(request), create=create)
+        with _open_lock:
+            return DocumentStore(collection, db_dir=_db_dir(request), create=create)
     except UnknownCollectionError as exc:
         raise APIError(404, str(exc), param="collection", code="collection_not_found") from exc
 
@@ -113,7 +117,12 @@ def _file_entries(store: DocumentStore, folder: Path) -> list[dict[str, Any]]:
 @router.get("")
 async def collections(request: Request) -> dict[str, Any]:
     """Every collection in the store, as ``python part3/document_qa.py list`` shows them."""
-    infos = await run_in_threadpool(list_collections, _db_dir(request))
+
+    def read() -> list:
+        with _open_lock:
+            return list_collections(_db_dir(request))
+
+    infos = await run_in_threadpool(read)
     return {"collections": [vars(info) for info in infos]}
 
 
@@ -226,7 +235,8 @@ async def delete_collection(collection: str, request: Request) -> dict[str, Any]
     def remove() -> dict[str, Any]:
         with _write_lock:
             try:
-                chunks = remove_collection(collection, _db_dir(request))
+                with _open_lock:
+                    chunks = remove_collection(collection, _db_dir(request))
             except UnknownCollectionError as exc:
                 raise APIError(
                     404, str(exc), param="collection", code="collection_not_found"

@@ -194,10 +194,9 @@ async def _json_reply(
     return fixed, last, how
 
 
-def _stream_response(
-    request: Request, events: AsyncIterator[dict[str, Any]], headers: dict[str, str] | None = None
-) -> EventSourceResponse:
-    return EventSourceResponse(events, headers=headers, ping=15, sep="\n")
+def _stream_response(events: AsyncIterator[dict[str, Any]]) -> EventSourceResponse:
+    # A comment ping every 15 s keeps proxies from closing a stream that waits in the queue.
+    return EventSourceResponse(events, ping=15, sep="\n")
 
 
 @router.post("/chat/completions")
@@ -298,7 +297,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                 metrics.cancelled.inc()
             generation.cancel()
 
-    return _stream_response(request, events())
+    return _stream_response(events())
 
 
 @router.post("/completions")
@@ -382,7 +381,7 @@ async def completions(body: CompletionRequest, request: Request):
                 metrics.cancelled.inc()
             generation.cancel()
 
-    return _stream_response(request, events())
+    return _stream_response(events())
 
 
 # --- embeddings ----------------------------------------------------------------------------------

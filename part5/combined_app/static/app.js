@@ -100,6 +100,11 @@ for (const name of CONTROLS) {
     saveState();
   });
 }
+// A key typed after the page loaded: list the models again with it.
+$("api_key").addEventListener("change", () => {
+  showError("chat-error", "");
+  loadModels();
+});
 
 // ---- chat -----------------------------------------------------------------------------
 function addBubble(role, text, note) {
