@@ -67,11 +67,6 @@ class Generation:
                 self._done = True
             yield chunk
 
-    async def result(self) -> Result:
-        """The whole reply (reads the stream to its end)."""
-        chunks = [chunk async for chunk in self]
-        return collect(iter(chunks))
-
     def cancel(self) -> None:
         """Stop decoding and free the slot (no effect once finished)."""
         if self.handle is not None:

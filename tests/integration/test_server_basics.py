@@ -120,6 +120,11 @@ def test_server_unknown_model_exits_2_with_the_catalog_hint(capsys):
     assert "Unknown model 'no-such-model'" in err and "list" in err
 
 
+def test_server_refuses_a_model_that_cannot_chat(capsys):
+    assert main(["--model", "all-minilm-l6-v2"]) == 2
+    assert "not a chat model" in capsys.readouterr().err
+
+
 def test_server_port_in_use_exits_2(capsys):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

@@ -104,6 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = ServerSettings(**options)
         spec = registry.resolve(settings.model)  # fail here, not in the background, on a bad name
+        if "chat" not in spec.capabilities:
+            raise registry.RegistryError(
+                f"{spec.ref} is not a chat model (it can do: {', '.join(spec.capabilities)}). "
+                "Serve a chat model, e.g. --model smollm2-135m-instruct."
+            )
     except registry.RegistryError as exc:
         print(exc, file=sys.stderr)
         return 2
