@@ -38,6 +38,7 @@ from llmlab.backends.base import (
     Timings,
     Usage,
 )
+from llmlab.backends.local import LocalBackend
 
 TRANSCRIPT_FORMAT = "llmlab-chat/1"
 # Template tokens around each message when the backend cannot render its chat template
@@ -162,10 +163,9 @@ class ChatSession:
     def _count_prompt(self, prompt: str) -> int:
         # A rendered template holds control tokens (<|im_start|>...) that the engine parses
         # as single tokens; count_tokens() treats text as plain and would count them as
-        # several, so use the engine's own encoder where it has one.
-        encode = getattr(self.backend, "_encode", None)
-        if callable(encode):
-            return len(encode(prompt, add_bos=False, special=True))
+        # several, so local engines tokenize with special=True.
+        if isinstance(self.backend, LocalBackend):
+            return len(self.backend.tokenize(prompt, special=True))
         return self.backend.count_tokens(prompt)
 
     @property
