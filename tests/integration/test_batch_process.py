@@ -79,7 +79,9 @@ def test_jsonl_with_messages_and_malformed_lines_goes_on_and_reports_them(tmp_pa
 
 
 @pytest.mark.slow
-def test_csv_with_column_template_and_system_matches_the_sequential_engine(tmp_path):
+def test_csv_with_column_template_and_system_same_rows_at_any_parallelism_and_sequentially(
+    tmp_path,
+):
     src = tmp_path / "q.csv"
     src.write_text(
         'id,question,lang\nx1,"Good morning, friend",French\nx2,Thank you,German\n',
@@ -96,16 +98,26 @@ def test_csv_with_column_template_and_system_matches_the_sequential_engine(tmp_p
         "0",
         *FAST,
     ]
-    batched, sequential = tmp_path / "b.jsonl", tmp_path / "s.jsonl"
+    batched, one, sequential = tmp_path / "b.jsonl", tmp_path / "one.jsonl", tmp_path / "s.jsonl"
     assert batch_process.main([str(src), "-o", str(batched), *args]) == 0
+    assert batch_process.main([str(src), "-o", str(one), *args, "--parallel", "1"]) == 0
     assert (
         batch_process.main([str(src), "-o", str(sequential), "--engine", "sequential", *args]) == 0
     )
-    b = {r["id"]: r for r in lines(batched)}
-    s = {r["id"]: r for r in lines(sequential)}
-    assert set(b) == {"x1", "x2"} and b["x1"]["prompt"] == "Good morning, friend"
-    assert {k: v["output"] for k, v in b.items()} == {k: v["output"] for k, v in s.items()}
-    assert {k: v["usage"] for k, v in b.items()} == {k: v["usage"] for k, v in s.items()}
+    b, o, s = ({r["id"]: r for r in lines(path)} for path in (batched, one, sequential))
+    assert (
+        set(b) == set(o) == set(s) == {"x1", "x2"} and b["x1"]["prompt"] == "Good morning, friend"
+    )
+    # The engine's greedy text does not depend on what runs beside a row.
+    assert {k: (v["output"], v["usage"]) for k, v in b.items()} == {
+        k: (v["output"], v["usage"]) for k, v in o.items()
+    }
+    # The backend renders the same conversation (same prompt tokens); its attention kernel
+    # may round differently, so its text is only checked to be there.
+    assert {k: v["usage"]["prompt_tokens"] for k, v in b.items()} == {
+        k: v["usage"]["prompt_tokens"] for k, v in s.items()
+    }
+    assert all(v["output"] and "error" not in v for v in s.values())
 
 
 @pytest.mark.slow

@@ -31,7 +31,7 @@ def engine():
         yield e
 
 
-def test_greedy_text_is_the_same_alone_beside_others_and_through_the_backend(engine):
+def test_greedy_text_is_the_same_alone_and_beside_others(engine):
     together = [engine.submit(chat(q, max_tokens=24, temperature=0)) for q in QUESTIONS]
     together = [h.result() for h in together]
     assert engine.max_batch_sequences >= 2  # they really were decoded in the same steps
@@ -40,18 +40,29 @@ def test_greedy_text_is_the_same_alone_beside_others_and_through_the_backend(eng
         for q in QUESTIONS
     ]
     assert [r.text for r in together] == [r.text for r in alone]
+    assert [r.usage for r in together] == [r.usage for r in alone]
     assert all(r.text for r in together)
+
+
+def test_greedy_text_equals_the_llama_cpp_backend_on_the_same_attention_kernel():
+    import llama_cpp
+
     model = backends.load(backend="llama.cpp", n_ctx=512)
     try:
         reference = [
             model.chat([{"role": "user", "content": q}], max_tokens=24, temperature=0)
             for q in QUESTIONS
         ]
+        # The backend's kernel choice (llama-cpp-python's default is the standard one).
+        flash = model._llm.context_params.flash_attn_type == llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
     finally:
         model.close()
-    assert [r.text for r in together] == [r.text for r in reference]
-    assert [r.usage for r in together] == [r.usage for r in reference]
-    assert [r.finish_reason for r in together] == [r.finish_reason for r in reference]
+    with Engine(parallel=4, n_ctx=512, flash_attn=flash) as engine:
+        handles = [engine.submit(chat(q, max_tokens=24, temperature=0)) for q in QUESTIONS]
+        results = [h.result() for h in handles]
+    assert [r.text for r in results] == [r.text for r in reference]
+    assert [r.usage for r in results] == [r.usage for r in reference]
+    assert [r.finish_reason for r in results] == [r.finish_reason for r in reference]
 
 
 def test_stream_pieces_add_up_to_the_result_and_end_with_usage(engine):

@@ -1,0 +1,159 @@
+"""Batch suite for ``make bench``: the continuous-batching engine against a plain loop.
+
+The same prompts (32 chat requests, 64 new tokens at most, greedy) run three ways with
+the default model, all cores and the same per-sequence context:
+
+- a loop over llama-cpp-python's high-level API (``Llama.create_chat_completion``), the
+  baseline a learner would write first, as it comes (standard attention kernel), and
+  with ``flash_attn=True`` as the engine uses it (so the last row shows what batching
+  alone adds);
+- :class:`llmlab.engine.Engine` with ``parallel=1`` (the same loop through our engine:
+  separates the engine's own overhead from the gain of batching);
+- the engine with ``parallel=8`` (eight sequences per ``llama_decode``).
+
+Aggregate tokens/s is completion tokens over wall time, prompt prefill included. Greedy
+decoding makes every side generate nearly the same tokens (the two attention kernels
+round differently, so a reply may take another path after a near-tie; tokens are
+counted per side). Each side gets a warm-up request first.
+"""
+
+from __future__ import annotations
+
+from llmlab import registry
+from llmlab.bench import Row, timer
+from llmlab.engine import Engine, Request
+from llmlab.settings import get_settings
+
+SUITE = "batch"
+TOPICS = [
+    "the sea",
+    "a lighthouse",
+    "bread",
+    "bicycles",
+    "winter",
+    "bees",
+    "a library",
+    "volcanoes",
+    "the moon",
+    "trains",
+    "gardening",
+    "rain",
+    "chess",
+    "owls",
+    "coffee",
+    "mountains",
+    "a market",
+    "clocks",
+    "rivers",
+    "kites",
+    "paper",
+    "robots",
+    "deserts",
+    "music",
+    "bridges",
+    "snow",
+    "maps",
+    "whales",
+    "tea",
+    "forests",
+    "lanterns",
+    "a harbour",
+]
+N_CTX = 512
+
+
+def prompts(n: int) -> list[list[dict[str, str]]]:
+    """``n`` distinct one-turn chats."""
+    return [
+        [{"role": "user", "content": f"Write a short paragraph about {TOPICS[i % len(TOPICS)]}."}]
+        for i in range(n)
+    ]
+
+
+def _loop(chats: list, max_tokens: int, threads: int, flash_attn: bool) -> tuple[float, int]:
+    from llama_cpp import Llama
+
+    llm = Llama(
+        model_path=str(registry.resolve().path),
+        n_ctx=N_CTX,
+        n_threads=threads,
+        n_threads_batch=threads,
+        flash_attn=flash_attn,
+        verbose=False,
+    )
+    try:
+        if "tokenizer.chat_template" in llm.metadata:
+            llm.chat_format = "chat_template.default"  # the file's template, as the backend uses
+        llm.create_chat_completion(chats[0], max_tokens=4, temperature=0)  # warm-up
+        tokens = 0
+        with timer() as t:
+            for messages in chats:
+                reply = llm.create_chat_completion(messages, max_tokens=max_tokens, temperature=0)
+                tokens += reply["usage"]["completion_tokens"]
+        return t.seconds, tokens
+    finally:
+        llm.close()
+
+
+def _engine(chats: list, max_tokens: int, parallel: int, threads: int) -> tuple[float, int]:
+    with Engine(parallel=parallel, n_ctx=N_CTX, threads=threads) as engine:
+        engine.chat(chats[0], max_tokens=4, temperature=0)  # warm-up
+        requests = [Request.chat(m, max_tokens=max_tokens, temperature=0) for m in chats]
+        with timer() as t:
+            results = engine.generate(requests)
+        return t.seconds, sum(r.usage.completion_tokens for r in results)
+
+
+def run(quick: bool = False) -> list[Row]:
+    """Aggregate tokens/s of the two loops and of the engine at parallel 1 and 8 (4 when quick)."""
+    n, max_tokens, parallel = (4, 16, 4) if quick else (32, 64, 8)
+    threads = get_settings().threads
+    chats = prompts(n)
+    note = f"{n} prompts x {max_tokens} new tokens, greedy, {threads} threads"
+
+    def tps(seconds_tokens: tuple[float, int]) -> float:
+        seconds, tokens = seconds_tokens
+        return tokens / seconds
+
+    loop = Row(
+        SUITE,
+        "llama-cpp-python loop",
+        "aggregate",
+        tps(_loop(chats, max_tokens, threads, flash_attn=False)),
+        "tok/s",
+        note=note,
+    )
+    loop_fa = Row.compared(
+        SUITE,
+        "llama-cpp-python loop, flash_attn",
+        "aggregate",
+        tps(_loop(chats, max_tokens, threads, flash_attn=True)),
+        "tok/s",
+        baseline=loop,
+        note=note,
+    )
+    rows = [loop, loop_fa]
+    for p in (1, parallel):
+        rows.append(
+            Row.compared(
+                SUITE,
+                f"engine parallel={p}",
+                "aggregate",
+                tps(_engine(chats, max_tokens, p, threads)),
+                "tok/s",
+                baseline=loop,
+                note=note,
+            )
+        )
+    rows.append(
+        Row.compared(
+            SUITE,
+            f"engine parallel={parallel}",
+            "aggregate vs flash_attn loop",
+            rows[-1].value,
+            "tok/s",
+            baseline=loop_fa,
+            note="what batching adds on the same attention kernel",
+        )
+    )
+    return rows

@@ -1,0 +1,36 @@
+"""Smoke test of the batch bench suite: its rows, names and ratios (never the timings)."""
+
+from __future__ import annotations
+
+import pytest
+
+from llmlab.benchmarks import batch as batch_bench
+
+
+@pytest.mark.slow
+def test_quick_batch_suite_reports_the_loop_and_the_engine_side_by_side():
+    rows = batch_bench.run(quick=True)
+    assert [r.case for r in rows] == [
+        "llama-cpp-python loop",
+        "llama-cpp-python loop, flash_attn",
+        "engine parallel=1",
+        "engine parallel=4",
+        "engine parallel=4",
+    ]
+    assert {r.suite for r in rows} == {"batch"} and {r.unit for r in rows} == {"tok/s"}
+    assert all(r.value > 0 for r in rows)
+    assert rows[0].baseline is None
+    for row in rows[1:4]:
+        assert row.baseline == "llama-cpp-python loop"
+        assert row.ratio == pytest.approx(row.value / rows[0].value)
+    last = rows[4]
+    assert last.metric == "aggregate vs flash_attn loop" and last.value == rows[3].value
+    assert last.baseline == "llama-cpp-python loop, flash_attn"
+    assert last.ratio == pytest.approx(rows[3].value / rows[1].value)
+    assert "4 prompts x 16 new tokens" in rows[0].note
+
+
+def test_prompts_are_distinct_chats():
+    chats = batch_bench.prompts(32)
+    assert len({c[0]["content"] for c in chats}) == 32
+    assert all(c[0]["role"] == "user" for c in chats)
