@@ -6,16 +6,18 @@ CPU and fp16 on a GPU, optionally re-quantized with bitsandbytes to 8-bit or 4-b
     model = TransformersBackend(registry.resolve(), quantization="8bit")
     model.chat([{"role": "user", "content": "Hi"}], max_tokens=16).text
 
-bitsandbytes cannot quantize while reading a GGUF file, so for 8-bit / 4-bit the
-dequantized model is saved once as a plain checkpoint in
-``$LLMLAB_HOME/models/<name>/<tag>/hf-checkpoint`` and loaded from there.
+Reading a GGUF file with transformers dequantizes every tensor (about 35 s of CPU for the
+default model), so the first load also saves the result as a plain fp32 safetensors
+checkpoint in ``$LLMLAB_HOME/models/<name>/<tag>/hf-checkpoint`` (or under
+``$LLMLAB_HF_CACHE_DIR``), and later loads, plain or bitsandbytes, read that in a few
+seconds; see :mod:`llmlab.backends.hf_checkpoint`. ``info()`` still names the GGUF file
+(``path``) and says where the weights came from (``loaded_from``: ``gguf`` or ``cache``).
 Replies stream through a ``TextIteratorStreamer`` fed by ``generate`` in a thread; text
 arrives word by word, so time to first token includes the rest of the first word.
 """
 
 from __future__ import annotations
 
-import shutil
 import threading
 import warnings
 from collections.abc import Iterator
@@ -24,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from llmlab.backends import hf_checkpoint
 from llmlab.backends.base import BackendError, GenerationParams, Message
 from llmlab.backends.local import LocalBackend, Step, wrap_load_error
 from llmlab.hardware import pick_device
@@ -60,16 +63,15 @@ class TransformersBackend(LocalBackend):
         self.device = pick_device(device or self.settings.device)
         self.model = None
         self.tokenizer = None
+        self.loaded_from: str | None = None  # "gguf", "cache" or "folder" once loaded
+        # Where the plain checkpoint converted from a GGUF file is cached (fixed here, so
+        # info() names the folder this object really uses).
+        self.checkpoint_dir: Path = hf_checkpoint.checkpoint_dir(spec, self.settings)
         self._stop_ids: list[int] = []
 
     @property
     def loaded(self) -> bool:
         return self.model is not None
-
-    @property
-    def checkpoint_dir(self) -> Path:
-        """Where the plain (non-GGUF) checkpoint for bitsandbytes is cached."""
-        return self.settings.models_dir / self.spec.name / self.spec.tag / "hf-checkpoint"
 
     def _dtype(self):
         import torch
@@ -78,19 +80,17 @@ class TransformersBackend(LocalBackend):
 
     def _load(self) -> None:
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         torch.set_num_threads(self.threads)
         path = Path(self.spec.path)
         try:
             if self.quantization:
                 self._load_quantized(path)
-            else:
-                gguf = {"gguf_file": path.name} if path.suffix == ".gguf" else {}
-                folder = path.parent if gguf else path
-                self.tokenizer = AutoTokenizer.from_pretrained(folder, **gguf)
-                model = AutoModelForCausalLM.from_pretrained(folder, dtype=self._dtype(), **gguf)
-                self.model = model.to(self.device).eval()
+            elif path.suffix == ".gguf":
+                self._load_gguf(path)
+            else:  # a folder of plain weights already
+                self.tokenizer, self.model = self._from_folder(path)
+                self.loaded_from = "folder"
         except ImportError as exc:
             raise BackendError(f"{exc}. Run: pip install -r requirements.txt") from exc
         except (ValueError, RuntimeError, OSError, KeyError) as exc:
@@ -98,43 +98,100 @@ class TransformersBackend(LocalBackend):
             raise wrap_load_error(self.spec, "transformers", exc) from exc
         self._stop_ids = self._find_stop_ids()
 
+    def _from_folder(self, folder: Path, **kwargs: Any):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=self._dtype(), **kwargs)
+        if "device_map" not in kwargs:
+            model = model.to(self.device)
+        return tokenizer, model.eval()
+
+    def _load_gguf(self, path: Path) -> None:
+        """From the cached checkpoint if it is current, else convert the GGUF and cache it."""
+        if self._load_cached(path):
+            return
+        tokenizer, model = self._convert(path)
+        try:
+            self._save_checkpoint(path, tokenizer, model)
+        except (OSError, BackendError) as exc:
+            # The converted model is in memory and works; only the next load stays slow.
+            warnings.warn(f"Could not cache the converted checkpoint: {exc}", stacklevel=2)
+        self.tokenizer, self.model = tokenizer, model.to(self._dtype()).to(self.device).eval()
+        self.loaded_from = "gguf"
+
     def _load_quantized(self, path: Path) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+        from transformers import BitsAndBytesConfig
 
         # bitsandbytes warns on every 8-bit matmul that fp32 inputs are cast to fp16.
         warnings.filterwarnings(
             "ignore", message="MatMul8bitLt: inputs will be cast", category=UserWarning
         )
-        if not (self.checkpoint_dir / "config.json").exists():
-            self._write_checkpoint(path)
         if self.quantization == "8bit":
             config = BitsAndBytesConfig(load_in_8bit=True)
         else:
             config = BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=self._dtype()
             )
-        self.tokenizer = AutoTokenizer.from_pretrained(self.checkpoint_dir)
-        self.model = AutoModelForCausalLM.from_pretrained(
-            self.checkpoint_dir,
-            quantization_config=config,
-            dtype=self._dtype(),
-            device_map={"": self.device},
-        ).eval()
+        options = {"quantization_config": config, "device_map": {"": self.device}}
+        if path.suffix != ".gguf":
+            self.tokenizer, self.model = self._from_folder(path, **options)
+            self.loaded_from = "folder"
+            return
+        # bitsandbytes cannot quantize while reading a GGUF file: it needs the plain checkpoint.
+        if self._load_cached(path, **options):
+            return
+        tokenizer, model = self._convert(path)
+        self._save_checkpoint(path, tokenizer, model)
+        del model
+        self.tokenizer, self.model = self._from_folder(self.checkpoint_dir, **options)
+        self.loaded_from = "gguf"
 
-    def _write_checkpoint(self, path: Path) -> None:
+    def _load_cached(self, path: Path, **options: Any) -> bool:
+        """Load the cached checkpoint of ``path`` if it is current and intact; say if it was."""
+        if not hf_checkpoint.is_current(self.checkpoint_dir, path, self.spec.sha256):
+            return False
+        try:
+            self.tokenizer, self.model = self._from_folder(self.checkpoint_dir, **options)
+        except Exception as exc:  # noqa: BLE001 - whatever broke in a cache, rebuilding fixes it
+            warnings.warn(
+                f"Rebuilding the damaged checkpoint cache {self.checkpoint_dir} ({exc})",
+                stacklevel=3,
+            )
+            return False
+        self.loaded_from = "cache"
+        return True
+
+    def _convert(self, path: Path):
+        """Tokenizer and fp32 model read from the GGUF file (the slow step the cache saves)."""
+        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        folder, gguf = (path.parent, path.name) if path.suffix == ".gguf" else (path, None)
-        kwargs = {"gguf_file": gguf} if gguf else {}
-        tmp = self.checkpoint_dir.with_name("hf-checkpoint.partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=self._dtype(), **kwargs)
+        # fp32 holds the dequantized values exactly, so the cache gives the same model a
+        # direct GGUF read would, whatever dtype a later load asks for.
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=torch.float32
+        )
+        return tokenizer, model
+
+    def _save_checkpoint(self, path: Path, tokenizer, model) -> None:
+        import transformers
+
         _drop_gguf_marker(model)
-        model.save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(folder, **kwargs).save_pretrained(tmp)
-        del model
-        shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
-        tmp.rename(self.checkpoint_dir)  # only a complete checkpoint ever has the final name
+
+        def save(tmp: Path) -> None:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+
+        hf_checkpoint.write(
+            self.checkpoint_dir,
+            path,
+            self.spec.sha256,
+            save,
+            dtype="float32",
+            transformers=transformers.__version__,
+        )
 
     def _find_stop_ids(self) -> list[int]:
         ids: set[int] = set()
@@ -148,6 +205,7 @@ class TransformersBackend(LocalBackend):
     def _unload(self) -> None:
         self.model = None
         self.tokenizer = None
+        self.loaded_from = None
 
     # --- tokens -------------------------------------------------------------------
 
@@ -283,10 +341,15 @@ class TransformersBackend(LocalBackend):
             thread.join()
 
     def info(self) -> dict[str, Any]:
+        """The usual keys, plus ``checkpoint`` (the cache folder for a GGUF file) and
+        ``loaded_from``: ``gguf`` (converted on this load), ``cache`` or ``folder``."""
+        gguf = Path(str(self.spec.path)).suffix == ".gguf"
         data: dict[str, Any] = {
             "backend": self.name,
             "model": self.spec.ref,
             "path": str(self.spec.path),
+            "checkpoint": str(self.checkpoint_dir) if gguf else None,
+            "loaded_from": self.loaded_from,
             "context_length": self.context_length,
             "threads": self.threads,
             "device": self.device,

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from llmlab import backends, registry
+from llmlab.backends import hf_checkpoint
 from llmlab.backends.llamacpp import LlamaCppBackend
 from llmlab.backends.transformers_backend import TransformersBackend
 from llmlab.settings import get_settings
@@ -103,6 +104,10 @@ def test_info_has_the_documented_keys(model):
         assert key in info
     assert info["model"] == "smollm2-135m-instruct:q4_1"
     assert info["threads"] == get_settings().threads
+    assert info["path"].endswith("SmolLM2-135M-Instruct.Q4_1.gguf")  # both engines: the GGUF
+    if info["backend"] == "transformers":
+        assert info["loaded_from"] in ("gguf", "cache")
+        assert info["checkpoint"].endswith("hf-checkpoint")
 
 
 def test_stop_string_cuts_the_reply(model):
@@ -169,3 +174,69 @@ def test_a_second_request_while_a_stream_is_open_says_what_to_do(models):
         model.chat(SKY, max_tokens=2)
     stream.close()
     assert model.chat(SKY, max_tokens=2, temperature=0).usage.completion_tokens == 2
+
+
+# --- transformers: the checkpoint cached from the GGUF file ---------------------------
+
+PROMPTS = ["What color is the sky?", "Tell me a story about a dragon.", "Write a haiku about rain."]
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """One transformers model converted from the GGUF into an empty cache, one read back."""
+    cache = tmp_path_factory.mktemp("hf-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(hf_checkpoint.CACHE_ENV, str(cache))
+        settings = get_settings(home=tmp_path_factory.mktemp("llmlab-home"))
+        spec = registry.resolve(None, settings)
+        fresh = TransformersBackend(spec, settings=settings)
+        fresh.ensure_loaded()
+        cached = TransformersBackend(spec, settings=settings)
+        cached.ensure_loaded()
+    yield fresh, cached
+    fresh.close()
+    cached.close()
+
+
+def test_transformers_cached_checkpoint_is_the_same_model_as_the_gguf(converted):
+    fresh, cached = converted
+    a, b = fresh.info(), cached.info()
+    assert (a["loaded_from"], b["loaded_from"]) == ("gguf", "cache")
+    assert a["path"] == b["path"] and b["path"].endswith(".gguf")
+    assert a["checkpoint"] == b["checkpoint"] == str(cached.checkpoint_dir)
+    assert hf_checkpoint.read_marker(cached.checkpoint_dir)["source"] == b["path"]
+    # Chat template and special tokens survive the round trip through save_pretrained.
+    assert cached.tokenizer.chat_template == fresh.tokenizer.chat_template
+    assert cached.apply_chat_template(SKY) == fresh.apply_chat_template(SKY)
+    assert cached.tokenizer.all_special_tokens == fresh.tokenizer.all_special_tokens
+    assert cached.tokenizer.added_tokens_decoder == fresh.tokenizer.added_tokens_decoder
+    assert cached.tokenize("<|im_start|>user", special=True)[0] == 1
+    assert (cached.eos_token_ids, cached.stop_token_ids) == (
+        fresh.eos_token_ids,
+        fresh.stop_token_ids,
+    )
+    ids = fresh.tokenize("The capital of France is")
+    assert np.array_equal(cached.next_token_logits(ids), fresh.next_token_logits(ids))
+    for prompt in PROMPTS:
+        messages = [{"role": "user", "content": prompt}]
+        want = fresh.chat(messages, max_tokens=24, temperature=0)
+        got = cached.chat(messages, max_tokens=24, temperature=0)
+        assert (got.text, got.usage) == (want.text, want.usage)
+
+
+def test_transformers_damaged_cache_is_rebuilt_from_the_gguf(converted, monkeypatch):
+    _, cached = converted
+    folder = cached.checkpoint_dir
+    monkeypatch.setenv(hf_checkpoint.CACHE_ENV, str(folder.parents[2]))
+    model = TransformersBackend(cached.spec, settings=cached.settings)
+    assert model.checkpoint_dir == folder
+    weights = folder / "model.safetensors"
+    with weights.open("r+b") as handle:  # same size, so only loading it can tell
+        handle.write(b"\xff" * 64)
+    with pytest.warns(UserWarning, match="Rebuilding the damaged checkpoint cache"):
+        reply = model.chat(SKY, max_tokens=16, temperature=0).text
+    assert model.info()["loaded_from"] == "gguf"
+    assert reply == cached.chat(SKY, max_tokens=16, temperature=0).text
+    assert hf_checkpoint.is_current(folder, cached.spec.path, cached.spec.sha256)
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["hf-checkpoint"]
+    model.close()

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 from llmlab import backends
+from llmlab.backends import hf_checkpoint
 from llmlab.backends.base import Chunk, ContextOverflowError, Timings, Usage, collect
 from llmlab.backends.local import StopMatcher
-from llmlab.registry import ModelSpec, Source
+from llmlab.registry import ModelSpec, Source, sha256_file
 
 
 def feed_all(stops: list[str], pieces: list[str]) -> tuple[str, bool]:
@@ -145,3 +149,91 @@ def test_tokenize_parses_control_tokens_only_when_asked():
         assert model.detokenize(as_control[:1]) == "<|im_start|>"
     finally:
         model.close()
+
+
+# --- the transformers backend's checkpoint cache (no model loaded) -----------------
+
+
+def write_fake_checkpoint(folder: Path, source: Path, sha256: str | None = None) -> None:
+    def save(tmp: Path) -> None:
+        (tmp / "model.safetensors").write_bytes(b"w" * 100)
+        (tmp / "tokenizer.json").write_text("{}")
+
+    hf_checkpoint.write(folder, source, sha256, save, dtype="float32")
+
+
+@pytest.fixture
+def source_and_cache(tmp_path):
+    source = tmp_path / "model.gguf"
+    source.write_bytes(b"GGUF version one")
+    folder = tmp_path / "cache" / "model" / "tag" / "hf-checkpoint"
+    write_fake_checkpoint(folder, source)
+    return source, folder
+
+
+def test_transformers_cache_is_in_the_home_unless_a_shared_dir_is_set(
+    lab_home, monkeypatch, tmp_path
+):
+    monkeypatch.delenv(hf_checkpoint.CACHE_ENV, raising=False)
+    model = backends.load(backend="transformers")
+    expected = Path("smollm2-135m-instruct", "q4_1", "hf-checkpoint")
+    assert model.checkpoint_dir == lab_home / "models" / expected
+    info = model.info()
+    assert info["path"].endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert (info["checkpoint"], info["loaded_from"]) == (str(model.checkpoint_dir), None)
+    monkeypatch.setenv(hf_checkpoint.CACHE_ENV, str(tmp_path / "shared"))
+    assert backends.load(backend="transformers").checkpoint_dir == tmp_path / "shared" / expected
+
+
+def test_transformers_cache_is_written_whole_with_a_marker_naming_its_gguf(source_and_cache):
+    source, folder = source_and_cache
+    assert hf_checkpoint.is_current(folder, source)
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["hf-checkpoint"]  # no leftovers
+    marker = hf_checkpoint.read_marker(folder)
+    assert marker["source"] == str(source) and marker["sha256"] == sha256_file(source)
+    assert marker["files"] == {"model.safetensors": 100, "tokenizer.json": 2}
+    assert hf_checkpoint.is_current(folder, source, sha256_file(source))
+    assert not hf_checkpoint.is_current(folder, source, "0" * 64)  # catalog says another file
+
+
+def test_transformers_cache_is_stale_once_the_gguf_changes(source_and_cache):
+    source, folder = source_and_cache
+    os.utime(source, ns=(1, 1))  # touched, same bytes: still the same file
+    assert hf_checkpoint.is_current(folder, source)
+    source.write_bytes(b"GGUF version two")  # same size, other bytes
+    assert not hf_checkpoint.is_current(folder, source)
+    source.write_bytes(b"GGUF version three")
+    assert not hf_checkpoint.is_current(folder, source)
+    write_fake_checkpoint(folder, source)  # rebuilt in place of the stale one
+    assert hf_checkpoint.is_current(folder, source)
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["hf-checkpoint"]
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda f: (f / hf_checkpoint.MARKER).unlink(),
+        lambda f: (f / hf_checkpoint.MARKER).write_text("{not json"),
+        lambda f: (f / hf_checkpoint.MARKER).write_text('{"format": 0}'),
+        lambda f: (f / "model.safetensors").write_bytes(b"w" * 10),
+        lambda f: (f / "tokenizer.json").unlink(),
+    ],
+    ids=["no-marker", "garbled-marker", "old-format", "truncated-weights", "missing-file"],
+)
+def test_transformers_cache_damaged_folders_are_not_current(source_and_cache, damage):
+    source, folder = source_and_cache
+    damage(folder)
+    assert not hf_checkpoint.is_current(folder, source)
+
+
+def test_transformers_cache_failed_write_leaves_the_old_folder_and_no_partial(source_and_cache):
+    source, folder = source_and_cache
+
+    def broken(tmp: Path) -> None:
+        (tmp / "model.safetensors").write_bytes(b"half")
+        raise OSError("No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        hf_checkpoint.write(folder, source, None, broken)
+    assert hf_checkpoint.is_current(folder, source)
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["hf-checkpoint"]
