@@ -13,6 +13,18 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")  # chromadb
 
 
+@pytest.fixture(scope="session", autouse=True)
+def shared_hf_checkpoints(tmp_path_factory):
+    """One transformers checkpoint cache for the whole run (notebook kernels inherit it).
+
+    Each test has its own LLMLAB_HOME, so without this every test that loads the
+    transformers backend would convert the GGUF file again (~35 s of CPU each time).
+    """
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LLMLAB_HF_CACHE_DIR", str(tmp_path_factory.mktemp("hf-checkpoints")))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def lab_home(tmp_path, monkeypatch):
     """A fresh, empty LLMLAB_HOME for each test; returns its path."""
