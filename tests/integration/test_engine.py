@@ -44,6 +44,17 @@ def test_greedy_text_is_the_same_alone_and_beside_others(engine):
     assert all(r.text for r in together)
 
 
+def test_flash_attention_is_also_the_same_alone_and_beside_others():
+    with Engine(parallel=4, n_ctx=256, flash_attn=True) as engine:
+        together = [engine.submit(chat(q, max_tokens=16, temperature=0)) for q in QUESTIONS]
+        together = [h.result().text for h in together]
+        alone = [
+            engine.chat([{"role": "user", "content": q}], max_tokens=16, temperature=0).text
+            for q in QUESTIONS
+        ]
+    assert together == alone
+
+
 def test_greedy_text_equals_the_llama_cpp_backend_on_the_same_attention_kernel():
     import llama_cpp
 
@@ -57,7 +68,10 @@ def test_greedy_text_equals_the_llama_cpp_backend_on_the_same_attention_kernel()
         flash = model._llm.context_params.flash_attn_type == llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
     finally:
         model.close()
-    with Engine(parallel=4, n_ctx=512, flash_attn=flash) as engine:
+    # The engine's default kernel is the backend's; if the backend turns flash attention on,
+    # the engine's default must follow.
+    assert not flash, "the llama.cpp backend uses flash attention: make it Engine's default too"
+    with Engine(parallel=4, n_ctx=512) as engine:
         handles = [engine.submit(chat(q, max_tokens=24, temperature=0)) for q in QUESTIONS]
         results = [h.result() for h in handles]
     assert [r.text for r in results] == [r.text for r in reference]

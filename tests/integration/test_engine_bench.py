@@ -12,21 +12,19 @@ def test_quick_batch_suite_reports_the_loop_and_the_engine_side_by_side():
     rows = batch_bench.run(quick=True)
     assert [r.case for r in rows] == [
         "llama-cpp-python loop",
-        "llama-cpp-python loop, flash_attn",
         "engine parallel=1",
         "engine parallel=4",
-        "engine parallel=4",
+        "llama-cpp-python loop, flash_attn",
+        "engine parallel=4, flash_attn",
     ]
     assert {r.suite for r in rows} == {"batch"} and {r.unit for r in rows} == {"tok/s"}
     assert all(r.value > 0 for r in rows)
-    assert rows[0].baseline is None
-    for row in rows[1:4]:
+    assert rows[0].baseline is None and rows[3].baseline is None
+    for row in rows[1:3]:
         assert row.baseline == "llama-cpp-python loop"
         assert row.ratio == pytest.approx(row.value / rows[0].value)
-    last = rows[4]
-    assert last.metric == "aggregate vs flash_attn loop" and last.value == rows[3].value
-    assert last.baseline == "llama-cpp-python loop, flash_attn"
-    assert last.ratio == pytest.approx(rows[3].value / rows[1].value)
+    assert rows[4].baseline == "llama-cpp-python loop, flash_attn"
+    assert rows[4].ratio == pytest.approx(rows[4].value / rows[3].value)
     assert "4 prompts x 16 new tokens" in rows[0].note
 
 
