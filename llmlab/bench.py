@@ -36,8 +36,16 @@ class Row:
     note: str = ""
 
     @classmethod
-    def compared(cls, suite: str, case: str, metric: str, value: float, unit: str,
-                 baseline: Row, note: str = "") -> Row:
+    def compared(
+        cls,
+        suite: str,
+        case: str,
+        metric: str,
+        value: float,
+        unit: str,
+        baseline: Row,
+        note: str = "",
+    ) -> Row:
         """A row measured against ``baseline`` (same suite, same run)."""
         ratio = value / baseline.value if baseline.value else None
         return cls(suite, case, metric, value, unit, baseline.case, ratio, note)

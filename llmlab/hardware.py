@@ -51,14 +51,18 @@ def pick_device(preferred: str = "auto") -> str:
     """
     torch = _torch()
     has_cuda = bool(torch and torch.cuda.is_available())
-    has_mps = bool(torch and getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+    has_mps = bool(
+        torch and getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
+    )
     if preferred == "auto":
         return "cuda" if has_cuda else "mps" if has_mps else "cpu"
     available = {"cpu": True, "cuda": has_cuda, "mps": has_mps}
     if preferred not in available:
         raise ValueError(f"Unknown device {preferred!r}. Use auto, cpu, cuda or mps.")
     if not available[preferred]:
-        raise ValueError(f"Device {preferred!r} is not available on this machine. Use --device auto.")
+        raise ValueError(
+            f"Device {preferred!r} is not available on this machine. Use --device auto."
+        )
     return preferred
 
 

@@ -33,15 +33,21 @@ class Settings(BaseSettings):
         default_factory=lambda: Path.home() / ".cache" / "llmlab",
         description="Where user models, the user catalog, vector stores and transcripts live.",
     )
-    default_model: str = Field("smollm2-135m-instruct", description="Chat model used when none is named.")
+    default_model: str = Field(
+        "smollm2-135m-instruct", description="Chat model used when none is named."
+    )
     embedding_model: str = Field("all-minilm-l6-v2", description="Embedding model for document QA.")
     backend: str = Field("auto", description="auto, llama.cpp, transformers or openai.")
     threads: int = Field(default_factory=_all_cores, ge=1, description="CPU threads for decoding.")
     n_ctx: int = Field(2048, ge=128, description="Context window in tokens for local models.")
     device: str = Field("auto", description="auto, cpu, cuda or mps (transformers backend).")
     gpu_layers: int = Field(-1, description="Layers to offload to a GPU with llama.cpp (-1: all).")
-    base_url: str | None = Field(None, description="OpenAI-compatible server for the remote backend.")
-    api_key: str | None = Field(None, description="API key for the remote backend or the lab server.")
+    base_url: str | None = Field(
+        None, description="OpenAI-compatible server for the remote backend."
+    )
+    api_key: str | None = Field(
+        None, description="API key for the remote backend or the lab server."
+    )
     hf_token: str | None = Field(None, description="Hugging Face token for gated downloads.")
 
     @property

@@ -62,7 +62,9 @@ def render(rows: list[Row]) -> Table:
         table.add_column(column, justify="right" if column in ("value", "ratio") else "left")
     for r in rows:
         ratio = f"{r.ratio:.2f}x" if r.ratio is not None else ""
-        table.add_row(r.suite, r.case, r.metric, f"{r.value:,.2f}", r.unit, r.baseline or "", ratio, r.note)
+        table.add_row(
+            r.suite, r.case, r.metric, f"{r.value:,.2f}", r.unit, r.baseline or "", ratio, r.note
+        )
     return table
 
 
@@ -82,19 +84,31 @@ def machine() -> dict:
 def write_results(rows: list[Row], out: Path, quick: bool) -> None:
     """bench.json (for notebooks) and bench.md (for people)."""
     out.mkdir(parents=True, exist_ok=True)
-    payload = {"machine": machine(), "quick": quick, "when": time.strftime("%Y-%m-%d %H:%M:%S"),
-               "rows": [r.to_dict() for r in rows]}
+    payload = {
+        "machine": machine(),
+        "quick": quick,
+        "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "rows": [r.to_dict() for r in rows],
+    }
     (out / "bench.json").write_text(json.dumps(payload, indent=2))
-    lines = ["| suite | case | metric | value | unit | vs | ratio |", "|---|---|---|---:|---|---|---:|"]
+    lines = [
+        "| suite | case | metric | value | unit | vs | ratio |",
+        "|---|---|---|---:|---|---|---:|",
+    ]
     for r in rows:
         ratio = f"{r.ratio:.2f}x" if r.ratio is not None else ""
-        lines.append(f"| {r.suite} | {r.case} | {r.metric} | {r.value:,.2f} | {r.unit} | {r.baseline or ''} | {ratio} |")
+        lines.append(
+            f"| {r.suite} | {r.case} | {r.metric} | {r.value:,.2f} | {r.unit} | {r.baseline or ''} | {ratio} |"
+        )
     (out / "bench.md").write_text("\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[2], epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[2],
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--suite", action="append", help="run only this suite (repeatable)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to check the suites run")
     parser.add_argument("--out", type=Path, default=REPO / "bench-results", help="output folder")
@@ -104,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     names = args.suite or suites
     unknown = sorted(set(names) - set(suites))
     if unknown:
-        console.print(f"Unknown suite(s): {', '.join(unknown)}. Available: {', '.join(suites) or 'none'}")
+        console.print(
+            f"Unknown suite(s): {', '.join(unknown)}. Available: {', '.join(suites) or 'none'}"
+        )
         return 2
     rows, failures = run_suites(names, args.quick, console)
     console.print(render(rows))

@@ -31,16 +31,19 @@ This notebook builds each step by hand, then uses `llmlab.rag`, the code behind
 `python part3/document_qa.py`. The documents are the sample corpus in `part3/data/docs`:
 eight short files about an invented makerspace, so the model cannot answer from memory.
 """),
-
-    md("**Parameters.** CI runs this notebook with smaller values (see `ci_parameters` in its metadata)."),
-    code("""
+    md(
+        "**Parameters.** CI runs this notebook with smaller values (see `ci_parameters` in its metadata)."
+    ),
+    code(
+        """
 # Parameters
 CHUNK_SIZES = [200, 400, 800]   # chunk sizes (characters) to compare for retrieval quality
 KS = [1, 2, 3, 5]               # recall@k is measured for each k
 TOP_K = 3                       # chunks given to the model per question
 MAX_TOKENS = 60                 # longest generated answer
-""", "parameters"),
-
+""",
+        "parameters",
+    ),
     code("""
 import shutil
 import tempfile
@@ -57,7 +60,6 @@ from llmlab.rag.evaluate import SAMPLE_DOCS, load_questions, recall_at_k
 DB = Path(tempfile.mkdtemp(prefix="llmlab-nb05-"))   # a throw-away store, so your own collections stay untouched
 sorted(p.name for p in SAMPLE_DOCS.iterdir())
 """),
-
     md("""
 ## 1. Chunking by hand
 
@@ -66,7 +68,6 @@ A model reads a few hundred tokens of context comfortably, and an embedding mode
 simplest way is a fixed-size window that slides with some overlap, so a sentence cut at
 one edge appears whole in the neighbouring chunk.
 """),
-
     code("""
 text = (SAMPLE_DOCS / "membership.md").read_text()
 
@@ -79,31 +80,26 @@ print(len(text), "characters ->", len(by_hand), "chunks")
 for chunk in by_hand[:3]:
     print("---", repr(chunk))
 """),
-
     md("""
 The windows cut words and table rows in half. LangChain's `RecursiveCharacterTextSplitter`
 tries separators in order (for Markdown: headings first, then paragraphs, lines, words)
 and only cuts inside a word as a last resort. `llmlab.rag` picks a Markdown-aware splitter
 for `.md` and a Python-aware one (class and def first) for `.py`.
 """),
-
     code("""
 splitter = make_splitter(".md", chunk_size=200, chunk_overlap=30)
 for chunk in splitter.split_text(text)[:4]:
     print("---", repr(chunk))
 """),
-
     md("""
 `split_units` does the same for loaded files and remembers where each chunk came from:
 a line range, or the page for a PDF, plus a content hash.
 """),
-
     code("""
 for path in ["membership.md", "annual_report_2024.pdf", "equipment.html"]:
     chunks = split_units(load_file(SAMPLE_DOCS / path), chunk_size=400, chunk_overlap=50)
     print(f"{path:24} {len(chunks)} chunks:", ", ".join(c.location for c in chunks), "| hash", chunks[0].content_hash[:10])
 """),
-
     md("""
 ## 2. Embeddings and cosine similarity
 
@@ -112,7 +108,6 @@ similar directions. Their similarity is the cosine of the angle between them: 1 
 same direction, about 0 for unrelated texts. The lab's embedder returns vectors of length
 1, so the cosine is just the dot product.
 """),
-
     code("""
 embedder = get_embedder()          # all-MiniLM-L6-v2 from its pip package, on pick_device()
 sentences = [
@@ -128,7 +123,6 @@ print(vectors.shape, "device:", embedder.device, "| lengths:", np.linalg.norm(ve
 a, b = vectors[0], vectors[1]
 print("cosine by hand:", round(float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))), 3))
 """),
-
     code("""
 similarity = vectors @ vectors.T
 labels = [s[:28] + "…" for s in sentences]
@@ -144,7 +138,6 @@ ax.set_title("Questions sit close to the sentences that answer them")
 plt.tight_layout()
 plt.show()
 """),
-
     md("""
 ## 3. The vector store
 
@@ -153,18 +146,15 @@ vectors quickly. The lab uses Chroma, embedded in the process (no server), saved
 folder: `$LLMLAB_HOME/rag` by default, a temporary folder here. Ingestion is incremental:
 each chunk records its file's sha256, so a second run skips unchanged files.
 """),
-
     code("""
 store = DocumentStore("notebook", db_dir=DB, create=True)
 print(store.ingest([SAMPLE_DOCS]).summary())
 print(store.ingest([SAMPLE_DOCS]).summary())   # nothing changed: nothing embedded again
 """),
-
     code("""
 for hit in store.search("Who was the volunteer of the year?", top_k=3):
     print(f"{hit.score:.2f}  {hit.metadata['file_name']}, {hit.location}: {hit.text[:70]!r}")
 """),
-
     md("""
 The score is the cosine similarity (Chroma returns the cosine *distance*, 1 − similarity).
 How high must it be to count as relevant? The question set has 26 questions the documents
@@ -172,7 +162,6 @@ answer and 5 they do not. The best score of each shows where to draw the line; b
 threshold `llmlab.rag` answers that the documents do not contain the answer, without
 calling the model at all.
 """),
-
     code("""
 questions = load_questions()
 best = {q.question: store.search(q.question, 1)[0].score for q in questions}
@@ -190,7 +179,6 @@ plt.tight_layout()
 plt.show()
 print(f"lowest answerable {min(answerable):.2f}, highest unanswerable {max(unanswerable):.2f}")
 """),
-
     md("""
 ## 4. Retrieval quality: recall@k
 
@@ -198,7 +186,6 @@ Recall@k is the share of questions for which a chunk from the right file is amon
 top k results. It depends on the chunk size: small chunks are precise but may split an
 answer; large ones blur several topics into one vector.
 """),
-
     code("""
 recall = {}
 for size in CHUNK_SIZES:
@@ -207,7 +194,6 @@ for size in CHUNK_SIZES:
     recall[size] = recall_at_k(trial, questions, KS)
     print(f"chunk size {size:4}: {trial.count():3} chunks, " + ", ".join(f"recall@{k} {v:.2f}" for k, v in recall[size].items()))
 """),
-
     code("""
 fig, ax = plt.subplots(figsize=(6, 3.5))
 for size, by_k in recall.items():
@@ -221,7 +207,6 @@ ax.set_title("Is the right file among the top k chunks?")
 plt.tight_layout()
 plt.show()
 """),
-
     md("""
 ## 5. Answers with citations
 
@@ -231,7 +216,6 @@ and cite. A 135M-parameter model is tiny: it often gets the fact right, sometime
 the sources are always shown next to the answer for checking. If the model forgets to cite,
 the sources it was given are listed.
 """),
-
     code("""
 qa = QuestionAnswerer(store, top_k=TOP_K, max_tokens=MAX_TOKENS)
 for question in ["Where is the first aid kit?", "What is the capital of Mongolia?"]:
@@ -242,13 +226,11 @@ for question in ["Where is the first aid kit?", "What is the capital of Mongolia
         print(f"   [{n}] {hit.metadata['file_name']}, {hit.location} (score {hit.score:.2f})")
     print()
 """),
-
     code("""
 from llmlab.rag.answer import build_messages
 
 print(build_messages("Where is the first aid kit?", store.search("Where is the first aid kit?", 2))[1]["content"])
 """),
-
     md("""
 ## 6. The LangChain way
 
@@ -260,7 +242,6 @@ chunks and the question to the lab's model. Compare its answer with the sources 
 given: a model this small sometimes misreads a number or a table row, which is exactly
 why every answer here comes with its sources.
 """),
-
     code("""
 from llmlab.rag.langchain_adapters import LabRetriever, as_langchain_vectorstore
 
@@ -272,7 +253,6 @@ vectorstore = as_langchain_vectorstore(store)
 for doc, score in vectorstore.similarity_search_with_relevance_scores("Can I bring guests?", k=2):
     print(f"{score:.2f} {doc.metadata['file_name']}: {doc.page_content[:60]!r}")
 """),
-
     code("""
 from langchain_core.runnables import RunnableLambda, RunnablePassthrough
 
@@ -292,7 +272,6 @@ print("answer:", chain.invoke(question))
 print("sources it was given:")
 print(format_docs(retriever.invoke(question)))
 """),
-
     md("""
 ## Clean up, and next steps
 
@@ -303,12 +282,10 @@ python part3/document_qa.py ingest ~/notes --collection notes
 python part3/document_qa.py ask "…" --collection notes
 ```
 """),
-
     code("""
 qa.close()
 shutil.rmtree(DB, ignore_errors=True)
 """),
-
 ]
 
 

