@@ -56,6 +56,7 @@ from llmlab.backends.base import (
     Timings,
     Usage,
 )
+from llmlab.backends.llamacpp import gguf_chat_formatter
 from llmlab.backends.local import StopMatcher
 from llmlab.settings import get_settings
 
@@ -374,8 +375,6 @@ class Engine:
         """The prompt text for ``messages``: the GGUF file's own template, rendered with
         llama-cpp-python's Jinja2 formatter exactly as the llama.cpp backend renders it."""
         if self._formatter is None:
-            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
             template = self._meta("tokenizer.chat_template")
             if not template:
                 raise EngineError(
@@ -383,10 +382,10 @@ class Engine:
                 )
             ll, vocab = self._ll, self._vocab
             eos, bos = ll.llama_vocab_eos(vocab), ll.llama_vocab_bos(vocab)
-            self._formatter = Jinja2ChatFormatter(
-                template=template,
-                eos_token=ll.llama_vocab_get_text(vocab, eos).decode() if eos >= 0 else "",
-                bos_token=ll.llama_vocab_get_text(vocab, bos).decode() if bos >= 0 else "",
+            self._formatter = gguf_chat_formatter(
+                template,
+                ll.llama_vocab_get_text(vocab, eos).decode() if eos >= 0 else "",
+                ll.llama_vocab_get_text(vocab, bos).decode() if bos >= 0 else "",
                 add_generation_prompt=True,
             )
         return self._formatter(messages=messages).prompt

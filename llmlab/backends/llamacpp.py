@@ -36,6 +36,22 @@ def llama_cpp_system_info() -> dict[str, Any]:
     }
 
 
+def gguf_chat_formatter(template: str, eos_text: str, bos_text: str, add_generation_prompt: bool):
+    """The GGUF file's own chat template as llama-cpp-python's Jinja2 formatter.
+
+    The backend and the batching engine both render chats with this, so a conversation
+    becomes the same prompt text (and the same greedy reply) in either.
+    """
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    return Jinja2ChatFormatter(
+        template=template,
+        eos_token=eos_text,
+        bos_token=bos_text,
+        add_generation_prompt=add_generation_prompt,
+    )
+
+
 class LlamaCppBackend(LocalBackend):
     """A GGUF model run by llama.cpp (through llama-cpp-python)."""
 
@@ -155,8 +171,6 @@ class LlamaCppBackend(LocalBackend):
     # --- chat template ------------------------------------------------------------
 
     def _render_chat(self, messages: list[Message], add_generation_prompt: bool) -> str:
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
         template = self._llm.metadata.get("tokenizer.chat_template")
         if not template:
             raise BackendError(
@@ -166,11 +180,11 @@ class LlamaCppBackend(LocalBackend):
         if add_generation_prompt not in self._formatters:
             model = self._llm._model
             eos, bos = self._llm.token_eos(), self._llm.token_bos()
-            self._formatters[add_generation_prompt] = Jinja2ChatFormatter(
-                template=template,
-                eos_token=model.token_get_text(eos) if eos >= 0 else "",
-                bos_token=model.token_get_text(bos) if bos >= 0 else "",
-                add_generation_prompt=add_generation_prompt,
+            self._formatters[add_generation_prompt] = gguf_chat_formatter(
+                template,
+                model.token_get_text(eos) if eos >= 0 else "",
+                model.token_get_text(bos) if bos >= 0 else "",
+                add_generation_prompt,
             )
         return self._formatters[add_generation_prompt](messages=messages).prompt
 
