@@ -253,3 +253,35 @@ def test_the_web_page_and_its_files_are_served(base_url):
     assert page.status_code == 200 and "<title>Local LLM Lab</title>" in page.text
     for name in ("app.js", "style.css"):
         assert httpx.get(f"{base_url}/static/{name}").status_code == 200
+
+
+def test_json_object_mode_streams_one_object_then_usage(client):
+    stream = client.chat.completions.create(
+        messages=[{"role": "user", "content": "Give a colour and its hex code as JSON."}],
+        model="smollm2-135m-instruct",
+        max_tokens=24,
+        temperature=0,
+        response_format={"type": "json_object"},
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert isinstance(json.loads(text), dict)
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+
+
+def test_streamed_completion_ends_with_a_finish_reason_and_usage(client):
+    chunks = list(
+        client.completions.create(
+            model="smollm2-135m-instruct",
+            prompt="1, 2, 3, 4,",
+            max_tokens=6,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert "".join(c.choices[0].text for c in chunks if c.choices)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+    assert chunks[-1].usage.completion_tokens > 0

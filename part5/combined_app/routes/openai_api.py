@@ -14,7 +14,7 @@ import base64
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from typing import Any
 
@@ -199,6 +199,48 @@ def _stream_response(events: AsyncIterator[dict[str, Any]]) -> EventSourceRespon
     return EventSourceResponse(events, ping=15, sep="\n")
 
 
+async def _timed_chunks(generation: Generation, timed: _Timed) -> AsyncIterator[Chunk]:
+    """The generation's chunks, each fed to the metrics on the way."""
+    async for chunk in generation:
+        timed.chunk(chunk)
+        yield chunk
+
+
+async def _sse_events(
+    chunks: AsyncIterator[Chunk],
+    generation: Generation,
+    metrics: Metrics,
+    *,
+    text_event: Callable[[str], str],
+    finish_event: Callable[[str], str],
+    usage_event: Callable[[dict[str, Any]], str] | None,
+    first_event: str | None = None,
+) -> AsyncIterator[dict[str, Any]]:
+    """OpenAI's stream shape for chat and completions alike: text pieces, a finish event,
+    usage when asked, ``[DONE]``; an error mid-stream is sent as an error event. A client
+    that goes away cancels the generation, which frees its slot."""
+    finished = False
+    try:
+        if first_event is not None:
+            yield {"data": first_event}
+        last = Chunk("")
+        async for last in chunks:
+            if last.text:
+                yield {"data": text_event(last.text)}
+        finished = True
+        yield {"data": finish_event(_finish(last.finish_reason))}
+        if usage_event is not None:
+            yield {"data": usage_event(_usage(last.usage))}
+        yield {"data": "[DONE]"}
+    except APIError as exc:
+        finished = True
+        yield {"data": json.dumps(error_body(exc.status, exc.message, exc.param, exc.code))}
+    finally:
+        if not finished:
+            metrics.cancelled.inc()
+        generation.cancel()
+
+
 @router.post("/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     """A chat reply, whole or streamed as server-sent events in OpenAI's chunk format."""
@@ -267,37 +309,26 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-    async def events() -> AsyncIterator[dict[str, Any]]:
-        finished = False
-        try:
-            yield {"data": chunk_body({"role": "assistant", "content": ""}, None)}
-            if json_mode:
-                # The whole object is repaired first, then sent as one piece.
-                text, last, _ = await _json_reply(service, generation, messages, params, timed)
-                yield {"data": chunk_body({"content": text}, None)}
-            else:
-                last = Chunk("")
-                async for last in generation:
-                    timed.chunk(last)
-                    if last.text:
-                        yield {"data": chunk_body({"content": last.text}, None)}
-            finished = True
-            yield {"data": chunk_body({}, _finish(last.finish_reason))}
-            if include_usage:
-                usage_chunk = json.loads(chunk_body({}, None))
-                usage_chunk["choices"] = []
-                usage_chunk["usage"] = _usage(last.usage)
-                yield {"data": json.dumps(usage_chunk)}
-            yield {"data": "[DONE]"}
-        except APIError as exc:
-            finished = True
-            yield {"data": json.dumps(error_body(exc.status, exc.message, exc.param, exc.code))}
-        finally:
-            if not finished:
-                metrics.cancelled.inc()
-            generation.cancel()
+    async def json_chunks() -> AsyncIterator[Chunk]:
+        # The whole object is repaired first, then sent as one piece.
+        text, last, _ = await _json_reply(service, generation, messages, params, timed)
+        yield Chunk(text)
+        yield Chunk("", last.finish_reason, last.usage, last.timings)
 
-    return _stream_response(events())
+    def usage_event(usage: dict[str, Any]) -> str:
+        return json.dumps({**json.loads(chunk_body({}, None)), "choices": [], "usage": usage})
+
+    chunks = json_chunks() if json_mode else _timed_chunks(generation, timed)
+    events = _sse_events(
+        chunks,
+        generation,
+        metrics,
+        first_event=chunk_body({"role": "assistant", "content": ""}, None),
+        text_event=lambda text: chunk_body({"content": text}, None),
+        finish_event=lambda finish: chunk_body({}, finish),
+        usage_event=usage_event if include_usage else None,
+    )
+    return _stream_response(events)
 
 
 @router.post("/completions")
@@ -360,28 +391,17 @@ async def completions(body: CompletionRequest, request: Request):
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     timed = _Timed(metrics)
 
-    async def events() -> AsyncIterator[dict[str, Any]]:
-        finished = False
-        try:
-            last = Chunk("")
-            async for last in generation:
-                timed.chunk(last)
-                if last.text:
-                    yield {"data": json.dumps(envelope([choice(0, last.text, None)]))}
-            finished = True
-            yield {"data": json.dumps(envelope([choice(0, "", _finish(last.finish_reason))]))}
-            if include_usage:
-                yield {"data": json.dumps({**envelope([]), "usage": _usage(last.usage)})}
-            yield {"data": "[DONE]"}
-        except APIError as exc:
-            finished = True
-            yield {"data": json.dumps(error_body(exc.status, exc.message, exc.param, exc.code))}
-        finally:
-            if not finished:
-                metrics.cancelled.inc()
-            generation.cancel()
-
-    return _stream_response(events())
+    events = _sse_events(
+        _timed_chunks(generation, timed),
+        generation,
+        metrics,
+        text_event=lambda text: json.dumps(envelope([choice(0, text, None)])),
+        finish_event=lambda finish: json.dumps(envelope([choice(0, "", finish)])),
+        usage_event=(lambda usage: json.dumps({**envelope([]), "usage": usage}))
+        if include_usage
+        else None,
+    )
+    return _stream_response(events)
 
 
 # --- embeddings ----------------------------------------------------------------------------------
