@@ -171,3 +171,28 @@ def test_client_that_disconnects_mid_stream_frees_its_slot(tiny_queue):
     client = OpenAI(base_url=f"{tiny_queue}/v1", api_key="unused", max_retries=0)
     reply = client.completions.create(model="smollm2-135m-instruct", prompt="1, 2,", max_tokens=2)
     assert reply.usage.completion_tokens == 2
+
+
+@pytest.mark.parametrize(
+    "path, body",
+    [
+        ("/v1/completions", {**COUNTING, "stream": False}),
+        (
+            "/v1/chat/completions",
+            {
+                "messages": [{"role": "user", "content": "Count from 1 to 1000, one per line."}],
+                "max_tokens": 2000,
+                "temperature": 0,
+            },
+        ),
+    ],
+    ids=["completion", "chat"],
+)
+def test_client_that_gives_up_on_a_whole_reply_frees_its_slot(tiny_queue, path, body):
+    before = _metric(tiny_queue, "llmlab_cancelled_requests_total")
+    with httpx.Client(base_url=tiny_queue, timeout=httpx.Timeout(30, read=2)) as http:
+        with pytest.raises(httpx.ReadTimeout):
+            http.post(path, json=body)  # the client stops waiting and closes the connection
+    # Up to 2000 tokens take far longer than this wait; the slot frees because we left.
+    assert _wait_for(lambda: _health(tiny_queue)["busy_slots"] == 0, 5), _health(tiny_queue)
+    assert _metric(tiny_queue, "llmlab_cancelled_requests_total") == before + 1

@@ -14,14 +14,14 @@ import base64
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
 
 from llmlab import registry
@@ -40,6 +40,10 @@ from part5.combined_app.service import Generation, ModelService
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
 
 MAX_EMBEDDING_INPUTS = 2048
+# nginx's "client closed request": logged for a reply nobody is left to read.
+CLIENT_CLOSED = 499
+
+T = TypeVar("T")
 
 
 def _service(request: Request) -> ModelService:
@@ -194,6 +198,38 @@ async def _json_reply(
     return fixed, last, how
 
 
+async def _client_left(request: Request) -> None:
+    """Return when the client closes its connection (the body has been read by then)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_client_leaves(
+    request: Request, work: Awaitable[T], metrics: Metrics
+) -> tuple[bool, T | None]:
+    """Await ``work`` (a whole, non-streamed reply) unless the client hangs up first.
+
+    Starlette goes on running a handler whose client has gone, so without this a closed
+    connection would keep its slot until ``max_tokens``. Cancelling ``work`` cancels its
+    generations (``_collect`` cancels them on the way out). Returns ``(finished, result)``.
+    """
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_client_left(request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        watcher.cancel()
+        raise
+    if task in done:
+        watcher.cancel()
+        return True, task.result()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    metrics.cancelled.inc()
+    return False, None
+
+
 def _stream_response(events: AsyncIterator[dict[str, Any]]) -> EventSourceResponse:
     # A comment ping every 15 s keeps proxies from closing a stream that waits in the queue.
     return EventSourceResponse(events, ping=15, sep="\n")
@@ -283,12 +319,18 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         )
 
     if not body.stream:
-        headers = {}
-        if json_mode:
-            text, last, how = await _json_reply(service, generation, messages, params, timed)
-            headers["X-LLMLab-JSON"] = how
-        else:
+
+        async def whole() -> tuple[str, Chunk, dict[str, str]]:
+            if json_mode:
+                text, last, how = await _json_reply(service, generation, messages, params, timed)
+                return text, last, {"X-LLMLab-JSON": how}
             text, last = await _collect(generation, timed)
+            return text, last, {}
+
+        finished, reply = await _unless_client_leaves(request, whole(), metrics)
+        if not finished:
+            return Response(status_code=CLIENT_CLOSED)
+        text, last, headers = reply
         content = {
             "id": reply_id,
             "object": "chat.completion",
@@ -375,7 +417,13 @@ async def completions(body: CompletionRequest, request: Request):
         }
 
     if not body.stream:
-        results = await asyncio.gather(*(_collect(g, _Timed(metrics)) for g in generations))
+        finished, results = await _unless_client_leaves(
+            request,
+            asyncio.gather(*(_collect(g, _Timed(metrics)) for g in generations)),
+            metrics,
+        )
+        if not finished:
+            return Response(status_code=CLIENT_CLOSED)
         total = Usage()
         for _, last in results:
             if last.usage:
