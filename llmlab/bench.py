@@ -13,13 +13,18 @@ on this machine" rather than as absolute numbers from somebody else's laptop::
 
 from __future__ import annotations
 
+import multiprocessing
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from typing import TypeVar
 
 import psutil
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -71,6 +76,20 @@ def timer() -> Iterator[Elapsed]:
         yield elapsed
     finally:
         elapsed.seconds = time.perf_counter() - start
+
+
+def isolated(fn: Callable[..., T], *args, **kwargs) -> T:
+    """Run ``fn(*args, **kwargs)`` in a fresh Python process and return its result.
+
+    Two sides of a comparison must not share a process: llama.cpp is built with OpenMP
+    here, every thread that has run it keeps its own pool of OpenMP workers, and once a
+    process holds more of those than there are cores, libgomp stops spin-waiting between
+    parallel regions. A batched engine measured after a plain loop on a 2-core machine ran
+    about 3x slower for that reason alone. ``fn`` must be importable (a module-level function).
+    """
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
+        return pool.submit(fn, *args, **kwargs).result()
 
 
 @dataclass

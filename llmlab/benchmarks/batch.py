@@ -11,7 +11,9 @@ the default model, all cores and the same per-sequence context:
 - both again with flash attention (``Llama(flash_attn=True)`` and
   ``Engine(flash_attn=True)``), the faster kernel that rounds differently.
 
-Aggregate tokens/s is completion tokens over wall time, prompt prefill included. Greedy
+Each side runs in a fresh process (:func:`llmlab.bench.isolated`), so no side inherits
+another's OpenMP threads. Aggregate tokens/s is completion tokens over wall time, prompt
+prefill included. Greedy
 decoding makes every side generate nearly the same tokens (the two attention kernels
 round differently, so a reply may take another path after a near-tie; tokens are
 counted per side). Each side gets a warm-up request first.
@@ -20,7 +22,7 @@ counted per side). Each side gets a warm-up request first.
 from __future__ import annotations
 
 from llmlab import registry
-from llmlab.bench import Row, timer
+from llmlab.bench import Row, isolated, timer
 from llmlab.engine import Engine, Request
 from llmlab.settings import get_settings
 
@@ -121,7 +123,7 @@ def run(quick: bool = False) -> list[Row]:
         SUITE,
         "llama-cpp-python loop",
         "aggregate",
-        tps(_loop(chats, max_tokens, threads, flash_attn=False)),
+        tps(isolated(_loop, chats, max_tokens, threads, flash_attn=False)),
         "tok/s",
         note=note,
     )
@@ -132,7 +134,7 @@ def run(quick: bool = False) -> list[Row]:
                 SUITE,
                 f"engine parallel={p}",
                 "aggregate",
-                tps(_engine(chats, max_tokens, p, threads)),
+                tps(isolated(_engine, chats, max_tokens, p, threads)),
                 "tok/s",
                 baseline=loop,
                 note=note,
@@ -142,7 +144,7 @@ def run(quick: bool = False) -> list[Row]:
         SUITE,
         "llama-cpp-python loop, flash_attn",
         "aggregate",
-        tps(_loop(chats, max_tokens, threads, flash_attn=True)),
+        tps(isolated(_loop, chats, max_tokens, threads, flash_attn=True)),
         "tok/s",
         note=note,
     )
@@ -150,7 +152,7 @@ def run(quick: bool = False) -> list[Row]:
         SUITE,
         f"engine parallel={parallel}, flash_attn",
         "aggregate",
-        tps(_engine(chats, max_tokens, parallel, threads, flash_attn=True)),
+        tps(isolated(_engine, chats, max_tokens, parallel, threads, flash_attn=True)),
         "tok/s",
         baseline=loop_fa,
         note=note,
