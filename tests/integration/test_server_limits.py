@@ -190,9 +190,11 @@ def test_client_that_disconnects_mid_stream_frees_its_slot(tiny_queue):
 )
 def test_client_that_gives_up_on_a_whole_reply_frees_its_slot(tiny_queue, path, body):
     before = _metric(tiny_queue, "llmlab_cancelled_requests_total")
-    with httpx.Client(base_url=tiny_queue, timeout=httpx.Timeout(30, read=2)) as http:
-        with pytest.raises(httpx.ReadTimeout):
-            http.post(path, json=body)  # the client stops waiting and closes the connection
+    with (
+        httpx.Client(base_url=tiny_queue, timeout=httpx.Timeout(30, read=2)) as http,
+        pytest.raises(httpx.ReadTimeout),
+    ):
+        http.post(path, json=body)  # the client stops waiting and closes the connection
     # Up to 2000 tokens take far longer than this wait; the slot frees because we left.
     assert _wait_for(lambda: _health(tiny_queue)["busy_slots"] == 0, 5), _health(tiny_queue)
     assert _metric(tiny_queue, "llmlab_cancelled_requests_total") == before + 1
