@@ -42,16 +42,19 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         service: ModelService = app.state.service
+        jobs = app.state.batch_jobs
+        jobs.update(batches.load_jobs(settings.batches_dir))
         loading = asyncio.get_running_loop().run_in_executor(None, service.load)
         loading.add_done_callback(_log_load_result(service))
+        loading.add_done_callback(_resume_batches(jobs, service, settings.retry_after))
         try:
             yield
         finally:
-            for job in app.state.batch_jobs.values():
-                job.cancel.set()
+            batches.stop_jobs(jobs)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.shield(loading), timeout=60)
             service.close()
+            batches.join_jobs(jobs)
 
     app = FastAPI(
         title="Local LLM Lab server",
@@ -87,6 +90,16 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
             expose_headers=["Retry-After", "X-LLMLab-JSON"],
         )
     return app
+
+
+def _resume_batches(jobs: dict, service: ModelService, retry_after: float):
+    """Once the model is ready, resume the batch jobs an earlier server run left unfinished."""
+
+    def done(future: asyncio.Future) -> None:
+        if not future.cancelled() and future.exception() is None:
+            batches.resume_jobs(jobs, service.engine, retry_after)
+
+    return done
 
 
 def _log_load_result(service: ModelService):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -147,3 +148,29 @@ def test_a_running_batch_can_be_cancelled(http):
     assert cancelled["id"] == job["id"]
     status = _wait_done(http, job["id"], 60)
     assert status["status"] == "cancelled" and status["completed"] < 6
+
+
+def test_a_batch_cut_off_by_a_server_stop_resumes_on_the_next_run(tmp_path):
+    settings = ServerSettings(threads=1, home=tmp_path, parallel=2)
+    prompts = [{"id": n, "prompt": f"Count from 1 to 30, list number {n}."} for n in range(8)]
+    body = {"prompts": prompts, "max_tokens": 48, "temperature": 0}
+    with running_server(settings) as url, httpx.Client(base_url=url, timeout=180) as http:
+        job = http.post("/api/batches", json=body).json()
+        deadline = time.monotonic() + 120
+        while http.get(f"/api/batches/{job['id']}").json()["completed"] < 2:
+            assert time.monotonic() < deadline, "no rows finished"
+            time.sleep(0.1)
+    # The server stopped mid-job: what was finished is on disk, the job is resumable.
+    folder = settings.batches_dir / job["id"]
+    assert json.loads((folder / "job.json").read_text())["status"] == "interrupted"
+    before = [json.loads(line) for line in (folder / "output.jsonl").read_text().splitlines()]
+    assert 2 <= len(before) < 8
+    assert all(row["finish_reason"] != "interrupted" for row in before)
+
+    with running_server(settings) as url, httpx.Client(base_url=url, timeout=180) as http:
+        assert job["id"] in [j["id"] for j in http.get("/api/batches").json()["data"]]
+        status = _wait_done(http, job["id"])
+        results = http.get(f"/api/batches/{job['id']}/results").json()["results"]
+    assert status["status"] == "completed" and status["completed"] == 8 and status["failed"] == 0
+    assert [row["id"] for row in results] == list(range(8))  # none lost, none run twice
+    assert [r for r in results if r["id"] in {b["id"] for b in before}] == before

@@ -1,24 +1,28 @@
 """Batch jobs over HTTP: submit a list of prompts, poll the job, fetch the results::
 
     POST   /api/batches               {"prompts": ["...", {"id": 7, "prompt": "..."}], "max_tokens": 64}
-    GET    /api/batches               every job of this server run
+    GET    /api/batches               every job, newest first
     GET    /api/batches/{id}          status: queued, running, completed, cancelled or failed
     GET    /api/batches/{id}/results  one record per finished prompt (as part3/batch_process.py writes)
     DELETE /api/batches/{id}          cancel a job that is still running
 
 A job runs in a background thread through ``llmlab.batch.run_with_engine`` on the shared
-engine, leaving one slot free for interactive requests when there are several. Its input
-and output are JSON lines under ``$LLMLAB_HOME/server-batches/<id>/``; each finished row is
-written at once, so results can be fetched while the job runs.
+engine, leaving one slot free for interactive requests when there are several. Everything
+about it lives under ``$LLMLAB_HOME/server-batches/<id>/``: ``input.jsonl``, ``output.jsonl``
+(each finished row written at once, so results can be fetched while the job runs) and
+``job.json`` (parameters and status). A job that a stopped server left unfinished is
+``interrupted``; the next server run lists it again and resumes it from the rows not yet
+written, so no finished row is lost or run twice.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +36,7 @@ from part5.combined_app.errors import APIError
 from part5.combined_app.schemas import BatchRequest
 
 router = APIRouter(prefix="/api/batches", tags=["batch"])
+log = logging.getLogger("llmlab.server")
 
 
 @dataclass
@@ -50,6 +55,8 @@ class BatchJob:
     created: float = field(default_factory=time.time)
     finished: float | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
+    stopping: bool = False  # the server is shutting down: end as "interrupted", resume later
+    thread: threading.Thread | None = None
 
     @property
     def input_path(self) -> Path:
@@ -58,6 +65,42 @@ class BatchJob:
     @property
     def output_path(self) -> Path:
         return self.folder / "output.jsonl"
+
+    @property
+    def state_path(self) -> Path:
+        return self.folder / "job.json"
+
+    def save(self) -> None:
+        """Write parameters and status to ``job.json`` (replaced whole, never half-written)."""
+        state = {**self.to_dict(), "params": asdict(self.params), "system": self.system}
+        partial = self.state_path.with_suffix(".json.partial")
+        partial.write_text(json.dumps(state, ensure_ascii=False), encoding="utf-8")
+        partial.replace(self.state_path)
+
+    @classmethod
+    def load(cls, folder: Path) -> BatchJob:
+        """The job saved in ``folder``; progress is counted from its output file.
+
+        A job that was queued or running when its server stopped comes back ``interrupted``.
+        """
+        state = json.loads((folder / "job.json").read_text(encoding="utf-8"))
+        job = cls(
+            id=state["id"],
+            folder=folder,
+            total=state["total"],
+            params=GenerationParams(**state["params"]),
+            system=state.get("system"),
+            status=state["status"],
+            error=state.get("error"),
+            created=state["created"],
+            finished=state.get("finished"),
+        )
+        if job.status in ("queued", "running"):
+            job.status = "interrupted"
+        for record in _read_records(job.output_path):
+            job.completed += 1
+            job.failed += "error" in record
+        return job
 
     def to_dict(self) -> dict[str, Any]:
         """The job as the status route returns it."""
@@ -74,9 +117,48 @@ class BatchJob:
         }
 
 
+def _read_records(path: Path) -> list[dict[str, Any]]:
+    """The records written to an output file so far (a half-written last line is skipped)."""
+    records = []
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue  # a blank line, or the last one while it is being written
+    return records
+
+
+def load_jobs(folder: Path) -> dict[str, BatchJob]:
+    """The jobs earlier server runs saved under ``folder`` (unreadable ones are logged and skipped)."""
+    jobs = {}
+    for state in sorted(folder.glob("*/job.json")):
+        try:
+            job = BatchJob.load(state.parent)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("Skipping the batch job in %s: %s", state.parent, exc)
+            continue
+        jobs[job.id] = job
+    return jobs
+
+
+def start_job(job: BatchJob, engine: Any, retry_after: float) -> None:
+    """Run ``job`` in a background thread."""
+    job.thread = threading.Thread(
+        target=run_job,
+        args=(job, engine, retry_after),
+        name=f"llmlab-{job.id}",
+        daemon=True,
+    )
+    job.thread.start()
+
+
 def run_job(job: BatchJob, engine: Any, retry_after: float) -> None:
-    """Run every row of ``job`` (in a thread). A full queue pauses the job; it never fails it."""
+    """Run every row of ``job`` not yet in its output (in a thread). A full queue pauses the
+    job; it never fails it. A row cut short by a shutdown is not written, so it runs again
+    when the job resumes."""
     job.status = "running"
+    job.save()
     rows = list(batch.read_inputs(job.input_path))
     slots = max(1, engine.parallel - 1)
     try:
@@ -91,6 +173,8 @@ def run_job(job: BatchJob, engine: Any, retry_after: float) -> None:
             try:
                 with batch.OutputWriter(job.output_path) as out:
                     for outcome in outcomes:
+                        if outcome.result and outcome.result.finish_reason == "interrupted":
+                            break  # the engine is closing: this row is not done
                         out.write(outcome)
                         job.completed += 1
                         job.failed += outcome.error is not None
@@ -100,11 +184,40 @@ def run_job(job: BatchJob, engine: Any, retry_after: float) -> None:
                 job.cancel.wait(retry_after)  # interactive traffic has the queue: wait, resume
             finally:
                 outcomes.close()  # cancels rows still in flight
-        job.status = "cancelled" if job.cancel.is_set() else "completed"
+        if job.stopping:
+            job.status = "interrupted"
+        else:
+            job.status = "cancelled" if job.cancel.is_set() else "completed"
     except Exception as exc:  # reported by the status route
         job.status, job.error = "failed", f"{type(exc).__name__}: {exc}"
     finally:
-        job.finished = time.time()
+        if job.status != "interrupted":
+            job.finished = time.time()
+        job.save()
+
+
+def resume_jobs(jobs: dict[str, BatchJob], engine: Any, retry_after: float) -> None:
+    """Start again every job an earlier server run left ``interrupted``."""
+    for job in jobs.values():
+        if job.status == "interrupted" and not job.stopping:
+            log.info("Resuming batch job %s (%d of %d rows done)", job.id, job.completed, job.total)
+            start_job(job, engine, retry_after)
+
+
+def stop_jobs(jobs: dict[str, BatchJob]) -> None:
+    """Ask running jobs to stop because the server is shutting down (they resume next run)."""
+    for job in jobs.values():
+        job.stopping = True  # also keeps a job that was about to resume from starting
+        if job.status in ("queued", "running"):
+            job.cancel.set()
+
+
+def join_jobs(jobs: dict[str, BatchJob], timeout: float = 10.0) -> None:
+    """Wait for stopped jobs to write their last row and status (after the engine closed)."""
+    deadline = time.monotonic() + timeout
+    for job in jobs.values():
+        if job.thread is not None:
+            job.thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def _jobs(request: Request) -> dict[str, BatchJob]:
@@ -116,8 +229,7 @@ def _job(request: Request, job_id: str) -> BatchJob:
     if job is None:
         raise APIError(
             404,
-            f"There is no batch {job_id!r} on this server (jobs last for one "
-            "server run). GET /api/batches lists them.",
+            f"There is no batch {job_id!r} on this server. GET /api/batches lists them.",
             param="batch_id",
             code="batch_not_found",
         )
@@ -185,19 +297,15 @@ async def submit(body: BatchRequest, request: Request) -> JSONResponse:
     job.input_path.write_text(
         "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8"
     )
+    job.save()
     _jobs(request)[job_id] = job
-    threading.Thread(
-        target=run_job,
-        args=(job, engine, settings.retry_after),
-        name=f"llmlab-{job_id}",
-        daemon=True,
-    ).start()
+    start_job(job, engine, settings.retry_after)
     return JSONResponse(job.to_dict(), 202)
 
 
 @router.get("")
 async def list_jobs(request: Request) -> dict[str, Any]:
-    """Every job of this server run, newest first."""
+    """Every job (this server run's and unfinished or finished ones of earlier runs), newest first."""
     jobs = sorted(_jobs(request).values(), key=lambda j: j.created, reverse=True)
     return {"object": "list", "data": [j.to_dict() for j in jobs]}
 
@@ -216,13 +324,7 @@ async def results(job_id: str, request: Request) -> dict[str, Any]:
         batch.id_key(json.loads(line)["id"]): n
         for n, line in enumerate(job.input_path.read_text(encoding="utf-8").splitlines())
     }
-    records = []
-    if job.output_path.exists():
-        for line in job.output_path.read_text(encoding="utf-8").splitlines():
-            try:
-                records.append(json.loads(line))
-            except ValueError:
-                continue  # a blank line, or the last one while it is being written
+    records = _read_records(job.output_path)
     records.sort(key=lambda r: order.get(batch.id_key(r.get("id")), len(order)))
     return {"id": job.id, "status": job.status, "results": records}
 
@@ -233,4 +335,7 @@ async def cancel(job_id: str, request: Request) -> dict[str, Any]:
     job = _job(request, job_id)
     if job.status in ("queued", "running"):
         job.cancel.set()
+    elif job.status == "interrupted":  # not running: nothing to wait for
+        job.status, job.finished = "cancelled", time.time()
+        job.save()
     return job.to_dict()
