@@ -81,11 +81,12 @@ def timer() -> Iterator[Elapsed]:
 def isolated(fn: Callable[..., T], *args, **kwargs) -> T:
     """Run ``fn(*args, **kwargs)`` in a fresh Python process and return its result.
 
-    Two sides of a comparison must not share a process: llama.cpp is built with OpenMP
-    here, every thread that has run it keeps its own pool of OpenMP workers, and once a
-    process holds more of those than there are cores, libgomp stops spin-waiting between
-    parallel regions. A batched engine measured after a plain loop on a 2-core machine ran
-    about 3x slower for that reason alone. ``fn`` must be importable (a module-level function).
+    Two sides of a comparison should not share a process: each would start with whatever
+    the other left behind (threads, caches, allocator state). With an OpenMP build of
+    llama.cpp it is worse: every thread that has run a model keeps its own pool of OpenMP
+    workers, and once a process holds more of those than there are cores, libgomp stops
+    spin-waiting; a batched engine measured after a plain loop on 2 cores ran ~3x slower
+    for that alone. ``fn`` must be importable (a module-level function).
     """
     spawn = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:

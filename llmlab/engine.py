@@ -287,10 +287,10 @@ class Engine:
         self._closing = False
         self.steps = 0  # llama_decode calls so far (for lessons and tests)
         self.max_batch_sequences = 0  # the most sequences one decode step has carried
-        # The model and context are created on the decode thread itself: llama.cpp here is
-        # built with OpenMP, whose worker pools belong to the thread that starts a parallel
-        # region, and decode steps measured ~1.5x slower when loading and decoding happened
-        # on different threads.
+        # The model and context are created on the decode thread itself. With an OpenMP
+        # build of llama.cpp (the lab builds it without; see envcheck.LLAMA_CPP_CMAKE_ARGS)
+        # worker pools belong to the thread that starts a parallel region, and decode steps
+        # measured ~1.2-1.5x slower when loading and decoding happened on different threads.
         ready = threading.Event()
         failure: list[BaseException] = []
         self._thread = threading.Thread(

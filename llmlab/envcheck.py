@@ -278,6 +278,15 @@ def check_gpu(settings: Settings | None = None) -> Check:
     )
 
 
+# How the lab builds llama.cpp (Makefile, part2/scripts/setup_env.sh): with ggml's own
+# thread pool instead of OpenMP. Every thread that has run an OpenMP llama.cpp keeps its
+# own pool of workers for good; once a process holds more of them than there are cores,
+# libgomp stops spin-waiting between the hundreds of small parallel steps of a decode.
+# Measured on 2 cores: the batching engine ran ~3x slower after a model had been used on
+# the main thread.
+LLAMA_CPP_CMAKE_ARGS = "-DGGML_OPENMP=OFF"
+
+
 def check_llamacpp() -> Check:
     """llama-cpp-python is importable, its version, and what its llama.cpp build supports."""
     try:
@@ -292,10 +301,20 @@ def check_llamacpp() -> Check:
             f"pip install -r {REQUIREMENTS}",
         )
     offload = "GPU offload" if info.get("gpu_offload") else "CPU only"
-    features = _build_features(str(info.get("system_info", "")))
-    return Check(
-        "llama.cpp", OK, f"llama-cpp-python {info.get('version', '?')}, {offload}; {features}"
+    system_info = str(info.get("system_info", ""))
+    detail = (
+        f"llama-cpp-python {info.get('version', '?')}, {offload}; {_build_features(system_info)}"
     )
+    if "OPENMP = 1" in system_info:
+        return Check(
+            "llama.cpp",
+            WARN,
+            detail + " (OpenMP: a batching engine next to another model in one process runs "
+            "~3x slower on few cores)",
+            f'CMAKE_ARGS="{LLAMA_CPP_CMAKE_ARGS}" pip install --force-reinstall --no-cache-dir '
+            f"--no-deps llama-cpp-python=={info.get('version', '?')}",
+        )
+    return Check("llama.cpp", OK, detail)
 
 
 def _build_features(system_info: str) -> str:

@@ -259,6 +259,8 @@ else
 	[[ $MODE == venv ]] && check_compiler
 	trap 'echo "error: the step above failed. Fix what it reports, then run this script again." >&2' ERR
 	say "Setting up $VENV ($MODE)."
+	# llama.cpp with ggml's own thread pool, not OpenMP (why: LLAMA_CPP_CMAKE_ARGS in llmlab/envcheck.py).
+	export CMAKE_ARGS="-DGGML_OPENMP=OFF${CMAKE_ARGS:+ $CMAKE_ARGS}"
 	[[ -x $PY ]] || say "The first install builds llama-cpp-python: about 10 minutes on 2 cores."
 	if [[ $MODE == conda ]]; then
 		if [[ -d $VENV/conda-meta ]]; then

@@ -218,8 +218,19 @@ def test_broken_llama_cpp_fails_with_fix(capsys, monkeypatch, tmp_path):
 
 def test_llama_cpp_line_shows_version_and_build():
     check = envcheck.check_llamacpp()
-    assert check.status == envcheck.OK
+    # make setup builds llama.cpp without OpenMP; an OpenMP build would be a warning here.
+    assert check.status == envcheck.OK, check
     assert f"llama-cpp-python {importlib.metadata.version('llama-cpp-python')}" in check.detail
+
+
+def test_an_openmp_build_of_llama_cpp_is_a_warning_with_the_rebuild_command(monkeypatch):
+    from llmlab.backends import llamacpp
+
+    info = {"version": "0.3.36", "system_info": "CPU : AVX2 = 1 | OPENMP = 1 |"}
+    monkeypatch.setattr(llamacpp, "llama_cpp_system_info", lambda: info)
+    check = envcheck.check_llamacpp()
+    assert check.status == envcheck.WARN and "OpenMP" in check.detail
+    assert 'CMAKE_ARGS="-DGGML_OPENMP=OFF"' in check.fix and "llama-cpp-python==0.3.36" in check.fix
 
 
 def test_unusable_bitsandbytes_is_a_warning_not_a_fail(monkeypatch):
