@@ -42,6 +42,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -79,16 +80,19 @@ class Request:
     messages: list[Message] | None = None
     prompt: str | None = None
     params: GenerationParams = field(default_factory=GenerationParams)
+    grammar: str | None = None  # GBNF text (rule ``root``): only tokens it allows are sampled
 
     @classmethod
-    def chat(cls, messages: list[Message], **params) -> Request:
+    def chat(cls, messages: list[Message], grammar: str | None = None, **params) -> Request:
         """A chat request, e.g. ``Request.chat(msgs, max_tokens=64, temperature=0)``."""
-        return cls(messages=messages, params=GenerationParams.from_kwargs(**params))
+        return cls(
+            messages=messages, params=GenerationParams.from_kwargs(**params), grammar=grammar
+        )
 
     @classmethod
-    def completion(cls, prompt: str, **params) -> Request:
+    def completion(cls, prompt: str, grammar: str | None = None, **params) -> Request:
         """A raw-text continuation (no chat template)."""
-        return cls(prompt=prompt, params=GenerationParams.from_kwargs(**params))
+        return cls(prompt=prompt, params=GenerationParams.from_kwargs(**params), grammar=grammar)
 
 
 _DONE = object()  # end of a handle's chunk stream
@@ -103,10 +107,12 @@ class Handle:
         prompt_tokens: list[int],
         params: GenerationParams,
         on_chunk: Callable[[Chunk], None] | None,
+        grammar: Grammar | None = None,
     ):
         self.id = request_id
         self.prompt_tokens = prompt_tokens
         self.params = params
+        self.grammar = grammar
         self.submitted = time.perf_counter()
         self._on_chunk = on_chunk
         self._chunks: queue.SimpleQueue = queue.SimpleQueue()
@@ -169,11 +175,75 @@ class Handle:
             self._on_chunk(chunk)
 
     def _finish(self, result: Result | None, error: EngineError | None = None) -> None:
+        if self.grammar is not None:
+            self.grammar.free()
         self._result, self._error = result, error
         if error is not None and self._on_chunk is not None:
             self._on_chunk(Chunk("", "error"))
         self._chunks.put(_DONE)
         self._done.set()
+
+
+class Grammar:
+    """llama.cpp's grammar sampler for one request: masks every token the grammar forbids.
+
+    Checking all ~50k tokens against the grammar costs about as much as a decode step, so
+    the engine first samples as usual and asks ``allows`` about that one token; only when
+    the grammar rejects it does ``constrain`` set every forbidden logit to -inf for a second
+    draw (llama.cpp's common sampler does the same; the result has exactly the constrained
+    distribution). ``accept`` advances the grammar past the chosen token.
+    """
+
+    def __init__(self, llama_cpp: Any, vocab: Any, n_vocab: int, gbnf: str):
+        self._ll = llama_cpp
+        self._sampler = llama_cpp.llama_sampler_init_grammar(vocab, gbnf.encode(), b"root")
+        if not self._sampler:
+            raise ValueError(
+                "llama.cpp could not parse the grammar (GBNF with a rule named 'root' is needed)"
+            )
+        self._candidates = np.zeros(
+            n_vocab, dtype=np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+        )
+        self._candidates["id"] = np.arange(n_vocab, dtype=np.int32)
+        self._array = self._token_array(self._candidates)
+        self._one = np.zeros(1, dtype=self._candidates.dtype)
+        self._one_array = self._token_array(self._one)
+
+    def _token_array(self, candidates: np.ndarray) -> Any:
+        return self._ll.llama_token_data_array(
+            data=candidates.ctypes.data_as(self._ll.llama_token_data_p),
+            size=len(candidates),
+            selected=-1,
+            sorted=False,
+        )
+
+    def allows(self, token: int) -> bool:
+        """Whether the grammar accepts ``token`` next (one candidate checked, not the vocabulary)."""
+        self._one[0] = (token, 0.0, 0.0)
+        self._one_array.size, self._one_array.selected, self._one_array.sorted = 1, -1, False
+        self._ll.llama_sampler_apply(self._sampler, ctypes.byref(self._one_array))
+        return bool(np.isfinite(self._one["logit"][0]))
+
+    def constrain(self, logits: np.ndarray) -> np.ndarray:
+        """``logits`` with every token the grammar forbids here set to -inf (a new array)."""
+        self._candidates["logit"] = logits
+        self._array.size, self._array.selected, self._array.sorted = (
+            len(self._candidates),
+            -1,
+            False,
+        )
+        self._ll.llama_sampler_apply(self._sampler, ctypes.byref(self._array))
+        return self._candidates["logit"].copy()
+
+    def accept(self, token: int) -> None:
+        """Advance the grammar past ``token``."""
+        self._ll.llama_sampler_accept(self._sampler, token)
+
+    def free(self) -> None:
+        """Release llama.cpp's sampler (safe to call twice)."""
+        if self._sampler:
+            self._ll.llama_sampler_free(self._sampler)
+            self._sampler = None
 
 
 class _Sequence:
@@ -197,6 +267,16 @@ class _Sequence:
     @property
     def prefilling(self) -> bool:
         return self.n_past < len(self.prompt)
+
+
+def _shared_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` have in common."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def sample(
@@ -238,8 +318,12 @@ class Engine:
         n_batch: most tokens per ``llama_decode`` call (prompts are prefilled in chunks of it).
         threads: CPU threads (default: all cores, ``LLMLAB_THREADS``).
         max_queue: requests allowed to wait for a slot before ``submit`` raises QueueFullError.
-        flash_attn: llama.cpp's flash-attention kernel (faster, but its numbers differ from
-            the llama.cpp backend's, which does not use it).
+        flash_attn: llama.cpp's flash-attention kernel (default: ``LLMLAB_FLASH_ATTN``, on,
+            as in the llama.cpp backend; both must use the same kernel to give the same
+            greedy text, since the two kernels round differently).
+        prefix_cache: keep a finished sequence's KV cells as its slot's prompt cache, so a
+            request that starts the same way (system prompt, earlier turns) skips that part
+            of the prefill; ``False`` clears them as soon as the sequence finishes.
     """
 
     def __init__(
@@ -252,7 +336,8 @@ class Engine:
         threads: int | None = None,
         max_queue: int = 256,
         gpu_layers: int | None = None,
-        flash_attn: bool = False,
+        flash_attn: bool | None = None,
+        prefix_cache: bool = True,
     ):
         import llama_cpp
 
@@ -272,7 +357,7 @@ class Engine:
         self.n_ctx = n_ctx or settings.n_ctx
         self.n_batch = max(n_batch, parallel)
         self.threads = threads or settings.threads
-        self.flash_attn = flash_attn
+        self.flash_attn = settings.flash_attn if flash_attn is None else flash_attn
         self.max_queue = max_queue
         if gpu_layers is None:
             gpu_layers = settings.gpu_layers if llama_cpp.llama_supports_gpu_offload() else 0
@@ -286,6 +371,9 @@ class Engine:
         self._next_id = 0
         self._closing = False
         self.steps = 0  # llama_decode calls so far (for lessons and tests)
+        self.prefix_cache = prefix_cache
+        self._cached: list[list[int]] = [[] for _ in range(parallel)]  # tokens in each slot's KV
+        self.reused_prompt_tokens = 0  # prompt tokens not prefilled thanks to the prefix cache
         self.max_batch_sequences = 0  # the most sequences one decode step has carried
         # The model and context are created on the decode thread itself. With an OpenMP
         # build of llama.cpp (the lab builds it without; see envcheck.LLAMA_CPP_CMAKE_ARGS)
@@ -416,20 +504,28 @@ class Engine:
             if self._freed:
                 raise EngineError("the engine is closed; create a new one")
             tokens = self.prompt_tokens(request)
-        if not tokens:
-            raise ValueError("the prompt is empty")
-        if len(tokens) + request.params.max_tokens > self.n_ctx:
-            raise ContextOverflowError(len(tokens), request.params.max_tokens, self.n_ctx)
+            if not tokens:
+                raise ValueError("the prompt is empty")
+            if len(tokens) + request.params.max_tokens > self.n_ctx:
+                raise ContextOverflowError(len(tokens), request.params.max_tokens, self.n_ctx)
+            grammar = None
+            if request.grammar is not None:
+                grammar = Grammar(self._ll, self._vocab, self.n_vocab, request.grammar)
         with self._lock:
+            refusal: EngineError | None = None
             if self._closing:
-                raise EngineError("the engine is closed; create a new one")
-            if len(self._waiting) >= self.max_queue:
-                raise QueueFullError(
+                refusal = EngineError("the engine is closed; create a new one")
+            elif len(self._waiting) >= self.max_queue:
+                refusal = QueueFullError(
                     f"{len(self._waiting)} requests are already waiting (max_queue={self.max_queue}); "
                     "retry later"
                 )
+            if refusal is not None:
+                if grammar is not None:
+                    grammar.free()
+                raise refusal
             self._next_id += 1
-            handle = Handle(self._next_id, tokens, request.params, on_chunk)
+            handle = Handle(self._next_id, tokens, request.params, on_chunk, grammar)
             self._waiting.append(handle)
             self._wake.notify()
         return handle
@@ -540,9 +636,23 @@ class Engine:
             handle._finish(Result("", "interrupted", usage, Timings()))
 
     def _admit(self) -> None:
-        for i, seq in enumerate(self._slots):
-            if seq is None and self._waiting:
-                self._slots[i] = _Sequence(self._waiting.popleft(), seq_id=i)
+        """Give waiting requests the free slots, each the slot whose cached tokens share
+        the longest prefix with its prompt; only the rest of the prompt is prefilled."""
+        free = [i for i, seq in enumerate(self._slots) if seq is None]
+        while free and self._waiting:
+            handle = self._waiting.popleft()
+            prompt = handle.prompt_tokens
+            shared = {i: _shared_prefix(self._cached[i], prompt) for i in free}
+            slot = max(free, key=lambda i: shared[i])
+            free.remove(slot)
+            # At least the last prompt token is decoded again: its logits pick the first token.
+            keep = min(shared[slot], len(prompt) - 1)
+            self._ll.llama_memory_seq_rm(self._memory, slot, keep, -1)
+            self._cached[slot] = []
+            seq = _Sequence(handle, seq_id=slot)
+            seq.n_past = keep
+            self.reused_prompt_tokens += keep
+            self._slots[slot] = seq
 
     def _reap_cancelled(self) -> None:
         for i, seq in enumerate(self._slots):
@@ -598,11 +708,16 @@ class Engine:
         """Sample the sequence's next token from ``logits``, stream its text, finish if due."""
         params = seq.params
         history = seq.prompt + seq.generated if params.repeat_penalty != 1.0 else None
+        grammar = seq.handle.grammar
         token = sample(logits, params, seq.rng, history)
+        if grammar is not None and not grammar.allows(token):
+            token = sample(grammar.constrain(logits), params, seq.rng, history)
         slot = seq.seq_id
         if self._ll.llama_vocab_is_eog(self._vocab, token):
             self._finish(slot, "stop")
             return
+        if grammar is not None:
+            grammar.accept(token)
         if seq.first_token_at is None:
             seq.first_token_at = time.perf_counter()
         seq.generated.append(token)
@@ -635,7 +750,12 @@ class Engine:
         first = (seq.first_token_at - seq.started) if seq.first_token_at else total
         usage = Usage(len(seq.prompt), len(seq.generated))
         timings = Timings(first, total, len(seq.generated))
-        self._ll.llama_memory_seq_rm(self._memory, seq.seq_id, -1, -1)
+        if self.prefix_cache:
+            # The cells stay as this slot's prompt cache; the next request admitted here
+            # keeps the prefix it shares with them and clears the rest.
+            self._cached[slot] = (seq.prompt + seq.generated)[: seq.n_past]
+        else:
+            self._ll.llama_memory_seq_rm(self._memory, seq.seq_id, -1, -1)
         with self._lock:
             self._slots[slot] = None
         seq.handle._emit(Chunk("", reason, usage, timings))

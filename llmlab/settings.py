@@ -42,6 +42,10 @@ class Settings(BaseSettings):
     n_ctx: int = Field(2048, ge=128, description="Context window in tokens for local models.")
     device: str = Field("auto", description="auto, cpu, cuda or mps (transformers backend).")
     gpu_layers: int = Field(-1, description="Layers to offload to a GPU with llama.cpp (-1: all).")
+    flash_attn: bool = Field(
+        True,
+        description="llama.cpp's flash-attention kernel (faster here, on CPU too; 0 turns it off).",
+    )
     base_url: str | None = Field(
         None, description="OpenAI-compatible server for the remote backend."
     )

@@ -98,6 +98,8 @@ class LlamaCppBackend(LocalBackend):
                 n_threads=self.threads,
                 n_threads_batch=self.threads,
                 n_gpu_layers=self._gpu_layers(),
+                # The engine uses the same kernel, so both give the same greedy text.
+                flash_attn=self.settings.flash_attn,
                 chat_format=None,  # None: use the template stored in the GGUF file
                 logits_all=False,
                 verbose=False,

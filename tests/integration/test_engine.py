@@ -44,8 +44,8 @@ def test_greedy_text_is_the_same_alone_and_beside_others(engine):
     assert all(r.text for r in together)
 
 
-def test_flash_attention_is_also_the_same_alone_and_beside_others():
-    with Engine(parallel=4, n_ctx=256, flash_attn=True) as engine:
+def test_the_standard_attention_kernel_is_also_the_same_alone_and_beside_others():
+    with Engine(parallel=4, n_ctx=256, flash_attn=False) as engine:
         together = [engine.submit(chat(q, max_tokens=16, temperature=0)) for q in QUESTIONS]
         together = [h.result().text for h in together]
         alone = [
@@ -64,14 +64,11 @@ def test_greedy_text_equals_the_llama_cpp_backend_on_the_same_attention_kernel()
             model.chat([{"role": "user", "content": q}], max_tokens=24, temperature=0)
             for q in QUESTIONS
         ]
-        # The backend's kernel choice (llama-cpp-python's default is the standard one).
         flash = model._llm.context_params.flash_attn_type == llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
     finally:
         model.close()
-    # The engine's default kernel is the backend's; if the backend turns flash attention on,
-    # the engine's default must follow.
-    assert not flash, "the llama.cpp backend uses flash attention: make it Engine's default too"
     with Engine(parallel=4, n_ctx=512) as engine:
+        assert engine.flash_attn == flash  # the same attention kernel by default
         handles = [engine.submit(chat(q, max_tokens=24, temperature=0)) for q in QUESTIONS]
         results = [h.result() for h in handles]
     assert [r.text for r in results] == [r.text for r in reference]
@@ -161,3 +158,62 @@ def test_requests_too_long_are_refused_and_a_closed_engine_says_so():
     with pytest.raises(EngineError, match="closed"):
         engine.submit(chat("hi", max_tokens=2))
     engine.close()  # closing twice is harmless
+
+
+def test_a_grammar_limits_the_reply_to_what_it_allows(engine):
+    grammar = 'root ::= ("yes" | "no") "."'
+    handles = [
+        engine.submit(chat(q, grammar=grammar, max_tokens=8, temperature=t, seed=3))
+        for q in ["Is the sky blue?", "Is fire cold?"]
+        for t in (0.0, 1.5)
+    ]
+    replies = [h.result() for h in handles]
+    assert {r.text for r in replies} <= {"yes.", "no."}, [r.text for r in replies]
+    assert all(r.finish_reason == "stop" for r in replies)  # the grammar ends, then end of turn
+
+
+def test_json_grammar_gives_an_object_beside_unconstrained_requests(engine):
+    import json
+
+    from llama_cpp.llama_grammar import JSON_GBNF
+
+    free = engine.submit(chat(QUESTIONS[0], max_tokens=24, temperature=0))
+    json_chat = [
+        {"role": "system", "content": "Reply with one valid JSON object and nothing else."},
+        {"role": "user", "content": "Give a JSON object with keys name and age for a cat."},
+    ]
+    constrained = engine.submit(
+        Request.chat(json_chat, grammar=JSON_GBNF, max_tokens=120, temperature=0)
+    )
+    reply = constrained.result()
+    assert reply.finish_reason == "stop", reply
+    assert isinstance(json.loads(reply.text), dict)
+    # The unconstrained neighbour is untouched: same text as alone.
+    alone = engine.chat([{"role": "user", "content": QUESTIONS[0]}], max_tokens=24, temperature=0)
+    assert free.result().text == alone.text
+
+
+def test_a_grammar_that_does_not_parse_is_refused_at_submit(engine):
+    with pytest.raises(ValueError, match="grammar"):
+        engine.submit(chat("Hi", grammar="root ::= (", max_tokens=4))
+    assert engine.chat([{"role": "user", "content": "Hi"}], max_tokens=2).usage.completion_tokens
+
+
+def test_a_prompt_that_starts_like_an_earlier_one_prefills_only_the_rest(engine):
+    first = [{"role": "user", "content": "Name a colour."}]
+    reply = engine.chat(first, max_tokens=12, temperature=0)
+    before = engine.reused_prompt_tokens
+    again = engine.chat(first, max_tokens=12, temperature=0)
+    prompt_tokens = again.usage.prompt_tokens
+    assert engine.reused_prompt_tokens - before == prompt_tokens - 1  # all but the last token
+    assert again.text == reply.text
+    # A follow-up turn starts with the whole first exchange: that part comes from the cache.
+    follow_up = [*first, {"role": "assistant", "content": reply.text}]
+    follow_up.append({"role": "user", "content": "And another?"})
+    before = engine.reused_prompt_tokens
+    cached = engine.chat(follow_up, max_tokens=12, temperature=0)
+    assert engine.reused_prompt_tokens - before >= prompt_tokens
+    with Engine(parallel=1, n_ctx=512, prefix_cache=False) as fresh:
+        assert fresh.chat(follow_up, max_tokens=12, temperature=0).text == cached.text
+        assert fresh.chat(follow_up, max_tokens=12, temperature=0).text == cached.text
+        assert fresh.reused_prompt_tokens == 0

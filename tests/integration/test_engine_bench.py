@@ -15,7 +15,7 @@ def test_quick_batch_suite_reports_the_loop_and_the_engine_side_by_side():
         "engine parallel=1",
         "engine parallel=4",
         "llama-cpp-python loop, flash_attn",
-        "engine parallel=4, flash_attn",
+        "engine parallel=4, same kernel as the loop",
     ]
     assert {r.suite for r in rows} == {"batch"} and {r.unit for r in rows} == {"tok/s"}
     assert all(r.value > 0 for r in rows)
@@ -25,6 +25,7 @@ def test_quick_batch_suite_reports_the_loop_and_the_engine_side_by_side():
         assert row.ratio == pytest.approx(row.value / rows[0].value)
     assert rows[4].baseline == "llama-cpp-python loop, flash_attn"
     assert rows[4].ratio == pytest.approx(rows[4].value / rows[3].value)
+    assert rows[4].value == rows[2].value  # one engine measurement, two baselines
     assert "4 prompts x 16 new tokens" in rows[0].note
 
 
