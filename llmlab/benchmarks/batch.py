@@ -100,7 +100,7 @@ def _loop(chats: list, max_tokens: int, threads: int, flash_attn: bool) -> tuple
 
 
 def _engine(
-    chats: list, max_tokens: int, parallel: int, threads: int, flash_attn: bool = False
+    chats: list, max_tokens: int, parallel: int, threads: int, flash_attn: bool | None = None
 ) -> tuple[float, int]:
     with Engine(parallel=parallel, n_ctx=N_CTX, threads=threads, flash_attn=flash_attn) as engine:
         engine.chat(chats[0], max_tokens=4, temperature=0)  # warm-up

@@ -1,15 +1,14 @@
 """``response_format: {"type": "json_object"}``: how the server makes sure the reply is a JSON object.
 
-The engine samples tokens itself (no llama.cpp grammar), so decoding is not constrained.
-Instead, in order:
-
-1. The model is told to answer with one JSON object only (a system instruction).
-2. The reply is checked with ``json.loads``. If it was cut short by ``max_tokens``,
-   :func:`repair` closes the open strings, arrays and objects (dropping a dangling key
-   or comma); if the model wrote prose around an object, the object is taken out of it.
-3. If no object is found at all, the request is run once more greedily
-   (``temperature=0``) and checked again; as a last resort the text is wrapped as
-   ``{"text": ...}``.
+1. The model is told to answer with one JSON object only (a system instruction), so what
+   it writes inside the object makes sense.
+2. Decoding is constrained by a JSON grammar (:data:`GRAMMAR`, llama.cpp's GBNF for one
+   object): the engine never samples a token that would break the syntax, and the reply
+   ends when the object closes.
+3. A reply cut short by ``max_tokens`` is still an unfinished object: :func:`repair`
+   closes its open strings, arrays and objects (dropping a dangling key or comma). If no
+   object was started at all (``max_tokens`` of 1 or 2), the request runs once more
+   greedily and, as a last resort, the text is wrapped as ``{"text": ...}``.
 
 So the content is always ``json.loads``-able into a dict. The route reports which step
 produced it in the response header ``X-LLMLab-JSON`` (valid, closed, extracted, wrapped).
@@ -19,7 +18,12 @@ from __future__ import annotations
 
 import json
 
+from llama_cpp.llama_grammar import JSON_GBNF
+
 from llmlab.backends.base import Message
+
+# One JSON object (llama.cpp's json.gbnf, as shipped with llama-cpp-python).
+GRAMMAR = JSON_GBNF
 
 INSTRUCTION = (
     "Reply with one valid JSON object and nothing else: no prose, no code fences. "

@@ -200,13 +200,16 @@ class ModelService:
         params: GenerationParams,
         messages: list[Message] | None = None,
         prompt: str | None = None,
+        grammar: str | None = None,
     ) -> Generation:
-        """Queue one generation on the shared engine; 503 with Retry-After when the queue is full."""
+        """Queue one generation on the shared engine (``grammar``: GBNF the reply must follow);
+        503 with Retry-After when the queue is full."""
         engine = self.require_ready()
         generation = Generation()
         try:
             generation.handle = engine.submit(
-                Request(messages=messages, prompt=prompt, params=params), on_chunk=generation._put
+                Request(messages=messages, prompt=prompt, params=params, grammar=grammar),
+                on_chunk=generation._put,
             )
         except ContextOverflowError as exc:
             raise _as_api_error(exc) from exc

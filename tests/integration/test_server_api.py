@@ -155,6 +155,27 @@ def test_json_object_response_format_gives_a_json_object(client, base_url):
     assert isinstance(json.loads(raw.json()["choices"][0]["message"]["content"]), dict)
 
 
+def test_json_mode_decoding_follows_the_json_grammar_even_when_sampling(base_url):
+    # Without the grammar a 135M model at temperature 1 often writes prose or code fences
+    # around (or instead of) an object; with it the reply is an object from the first token.
+    messages = [{"role": "user", "content": "Describe your favourite book."}]
+    for seed in (1, 2, 3):
+        r = httpx.post(
+            f"{base_url}/v1/chat/completions",
+            timeout=120,
+            json={
+                "messages": messages,
+                "max_tokens": 48,
+                "temperature": 1.0,
+                "seed": seed,
+                "response_format": {"type": "json_object"},
+            },
+        )
+        assert r.headers["x-llmlab-json"] in ("valid", "closed"), r.json()
+        content = r.json()["choices"][0]["message"]["content"]
+        assert content.startswith("{") and isinstance(json.loads(content), dict)
+
+
 def test_text_completion_continues_the_prompt(client):
     result = client.completions.create(
         model="smollm2-135m-instruct", prompt="1, 2, 3, 4,", max_tokens=6, temperature=0

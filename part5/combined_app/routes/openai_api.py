@@ -184,7 +184,9 @@ async def _json_reply(
     text, last = await _collect(generation, timed)
     fixed, how = jsonmode.repair(text)
     if how == "wrapped":  # no object at all: one greedy retry before wrapping the text
-        retry = service.submit(messages=messages, params=replace(params, temperature=0.0))
+        retry = service.submit(
+            messages=messages, params=replace(params, temperature=0.0), grammar=jsonmode.GRAMMAR
+        )
         text2, last2 = await _collect(retry, timed)
         fixed2, how2 = jsonmode.repair(text2)
         if last.usage and last2.usage:
@@ -298,7 +300,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     params = _params(body, service)
     prompt_tokens = len(service.prompt_ids(messages=messages))
     service.check_limits(prompt_tokens, params.max_tokens, "messages")
-    generation = service.submit(messages=messages, params=params)
+    grammar = jsonmode.GRAMMAR if json_mode else None
+    generation = service.submit(messages=messages, params=params, grammar=grammar)
     timed = _Timed(metrics)
     reply_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
