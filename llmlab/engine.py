@@ -1,11 +1,10 @@
 """Continuous batching on llama.cpp: many requests decoded together, one llama.cpp step at a time.
 
-A decoder this small is limited by memory bandwidth, not arithmetic: each step streams
-every weight through the CPU once, whether it computes one token or eight. So the engine
-puts the next token of every running sequence into one ``llama_batch`` (each token with
-its sequence id and position), decodes them in one ``llama_decode`` call, samples each
-sequence's next token from its own logits row, and admits a waiting request as soon as a
-sequence finishes and its KV cache is cleared::
+Each decoding step reads every weight of the model once, whether it computes one token
+or eight. So the engine puts the next token of every running sequence into one
+``llama_batch`` (each token with its sequence id and position), decodes them in one
+``llama_decode`` call, samples each sequence's next token from its own logits row, and
+admits a waiting request as soon as a sequence finishes and frees its slot::
 
     from llmlab.engine import Engine, Request
     with Engine(parallel=8) as engine:                      # default model, all cores
@@ -17,18 +16,29 @@ sequence finishes and its KV cache is cleared::
 
 Submitting is thread-safe (a server shares one engine among its clients); a bounded queue
 raises :class:`QueueFullError` instead of growing without limit, and ``handle.cancel()``
-frees the sequence's slot at the next step.
+frees the sequence's slot at the next step. A request may carry a GBNF ``grammar`` (JSON
+mode in the server): only tokens the grammar allows are sampled.
+
+Prefix cache: a finished sequence's KV cells stay as its slot's cache. A new request goes
+to the free slot whose cached tokens share the longest prefix with its prompt; the cells
+past that prefix are cleared and only the rest of the prompt is prefilled (a chat
+template's system prompt, or the earlier turns of a conversation, are computed once).
+``prefix_cache=False`` clears a sequence's cells as soon as it finishes.
 
 Greedy output (``temperature=0``) is bit-for-bit the same whether a request runs alone or
 beside others: each sequence has its own KV stream (``kv_unified=False``) and prompts are
 prefilled one sequence per ``llama_decode`` call, so no sequence's numbers depend on its
 neighbours. (With one KV buffer shared by all sequences and llama.cpp's standard attention
 kernel, logits of the same prompt differed by up to ~1 between runs and greedy tokens
-flipped.) The attention kernel is the llama.cpp backend's (llama-cpp-python's default,
-no flash attention), so greedy text equals ``backends.load(...).chat(..., temperature=0)``.
-``flash_attn=True`` makes an 8-sequence step ~1.7x faster on a CPU and stays exact alone
-vs batched, but it rounds differently from the standard kernel: with SmolLM2-135M, 9 of
-16 greedy 32-token replies then differed from the backend's somewhere.
+flipped.) The attention kernel is the llama.cpp backend's (flash attention, unless
+``LLMLAB_FLASH_ATTN=0``), so greedy text equals ``backends.load(...).chat(..., temperature=0)``.
+The two kernels round differently: with SmolLM2-135M, 9 of 16 greedy 32-token replies
+differed somewhere between them, so both sides must use the same one.
+
+Speed, measured on a 2-core AVX2 CPU with SmolLM2-135M Q4_1: a raw ``llama_decode`` of 8
+sequences takes ~4.5x the time of one (unpacking 4-bit weights keeps the cores busy), so
+8 sequences give ~1.8x the tokens/s of one at best; ``make bench`` (suite ``batch``)
+measures the engine against a plain loop.
 """
 
 from __future__ import annotations

@@ -18,7 +18,8 @@ CELLS = [
     answer) and want every answer, as fast as this machine allows, without losing work if
     the run is stopped. This notebook
 
-    1. explains **why decoding several sequences at once is nearly free** on a CPU;
+    1. explains **why decoding several sequences at once can be nearly free**, and what
+       limits it on a small CPU;
     2. runs the prompts **one after another** through the llama.cpp backend (the baseline);
     3. builds **one batched decoding step by hand** with llama.cpp's `llama_batch`;
     4. runs the same prompts through **`llmlab.engine.Engine`** (continuous batching) and
@@ -65,7 +66,7 @@ CELLS = [
     print(f"{spec.ref}: {spec.path.stat().st_size / 1e6:.0f} MB file, {threads} threads, {len(chats)} prompts")
     """),
     md("""
-    ## 1. Why batching helps a memory-bound decoder
+    ## 1. Why batching helps a memory-bound decoder, and where it stops
 
     To produce one token the model multiplies its input by **every weight matrix once**. For
     one sequence that is a matrix × *vector* product: each weight is read from memory,
@@ -85,10 +86,14 @@ CELLS = [
     """),
     md("""
     A laptop core does tens of FLOPs in the time it reads one byte from RAM, so at one
-    sequence (about 2.5 FLOPs/byte) decoding is far from compute-bound: there is room for
-    several sequences per step before arithmetic becomes the limit. Each extra sequence
-    costs its own **KV cache** (keys and values of its past tokens) and its own attention
-    work, which is why the gain flattens out eventually.
+    sequence (about 2.5 FLOPs/byte) decoding *should* be far from compute-bound. Two things
+    pull the other way on a small machine. The weights of this model are stored in 4-bit
+    blocks, and every weight has to be unpacked and scaled before it is multiplied (several
+    instructions per multiply-add); and a 135M-parameter model is small enough that much of
+    it stays in the CPU's caches between steps. On a 2-core CPU a step of 8 sequences then
+    costs several times a step of one, not the same: batching still wins, by less. The plot
+    in section 5 shows what this machine does. Each extra sequence also costs its own
+    **KV cache** (keys and values of its past tokens) and its own attention work.
 
     ## 2. The baseline: one prompt after another
     """),
@@ -119,7 +124,9 @@ CELLS = [
     params = llama_cpp.llama_context_default_params()
     params.n_ctx, params.n_seq_max, params.kv_unified = 3 * N_CTX, 3, False  # one KV stream per sequence
     params.n_threads = params.n_threads_batch = threads
-    params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED  # as the backend: same numbers
+    params.flash_attn_type = (  # the backend's attention kernel, so the numbers are the same
+        llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if get_settings().flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    )
     ctx = llama_cpp.llama_init_from_model(lmodel, params)
     batch = llama_cpp.llama_batch_init(512, 0, 1)
     n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
@@ -154,9 +161,9 @@ CELLS = [
         print(repr(model.detokenize(out)))
     """),
     md("""
-    Each line matches the first 12 tokens the backend produced one at a time (flash
-    attention is off here as in the backend: a different attention kernel rounds
-    differently and can flip a greedy choice):
+    Each line matches the first 12 tokens the backend produced one at a time (the attention
+    kernel is the backend's, flash attention unless `LLMLAB_FLASH_ATTN=0`: a different
+    kernel rounds differently and can flip a greedy choice):
     """),
     code("""
     hand = [model.detokenize(out) for out in outputs]
@@ -176,9 +183,13 @@ CELLS = [
     Each sequence has its own KV stream, and prompts are prefilled one per call, so a
     prompt's numbers never depend on what runs beside it: greedy answers at 8 sequences
     are identical to the engine's answers one at a time, and to the backend's loop (same
-    attention kernel). `Engine(flash_attn=True)` is faster still on a CPU, but its kernel
-    rounds differently, and with a model this small many greedy replies then part ways
-    with the backend's after a near-tie.
+    attention kernel).
+
+    A finished sequence's KV cells stay behind as its slot's **prompt cache**: the next
+    request placed in that slot keeps the prefix it shares with them and prefills only the
+    rest. Every prompt here starts with the chat template's system prompt, so most of each
+    prefill is skipped (llama-cpp-python's `Llama` does the same between consecutive calls,
+    which is why the baseline loop was not paying for it either).
     """),
     code("""
     with Engine(spec, parallel=max(PARALLEL_LEVELS), n_ctx=N_CTX) as engine:
@@ -193,6 +204,8 @@ CELLS = [
           f"({batched_tps / loop_tps:.1f}x the loop)")
     print("same answers batched as alone:", [r.text for r in batched] == [r.text for r in alone])
     print("same answers as the backend's loop:", [r.text for r in batched] == [r.text for r in sequential])
+    prompt_tokens = sum(r.usage.prompt_tokens for r in batched + alone)
+    print(f"prompt tokens taken from the prefix cache: {engine.reused_prompt_tokens} of {prompt_tokens}")
     """),
     md("""
     Each handle can also be streamed while the others keep decoding (a server does this for
@@ -231,11 +244,12 @@ CELLS = [
     plt.show()
     """),
     md("""
-    Aggregate throughput rises with the number of sequences because each step's cost is
-    dominated by reading the weights, which the sequences share. It flattens when the
-    extra attention and sampling work per sequence catches up. Each *single* request gets
-    slower as more run beside it; batching trades a little latency for a lot of
-    throughput, which is the right trade for a file of prompts or a busy server.
+    Aggregate throughput rises with the number of sequences as long as a step's cost is
+    mostly reading the weights, which the sequences share; it flattens once the arithmetic
+    per sequence (unpacking 4-bit weights, attention) is what the cores spend their time
+    on, early on a 2-core CPU, much later on a GPU. Each *single* request gets slower as
+    more run beside it; batching trades latency for throughput, which is the right trade
+    for a file of prompts or a busy server.
     `make bench` measures the same thing on 32 prompts × 64 tokens (suite `batch`).
 
     ## 6. A prompt file, written as rows finish, resumable
