@@ -179,8 +179,15 @@ def test_client_that_disconnects_mid_stream_frees_its_slot(tiny_queue):
         ("/v1/completions", {**COUNTING, "stream": False}),
         (
             "/v1/chat/completions",
+            # Greedy, this reply runs to max_tokens with the default model (a request to
+            # count "one per line" ends after ten lines, well inside the client's wait).
             {
-                "messages": [{"role": "user", "content": "Count from 1 to 1000, one per line."}],
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": "Write the numbers from 1 to 500 separated by commas.",
+                    }
+                ],
                 "max_tokens": 2000,
                 "temperature": 0,
             },
