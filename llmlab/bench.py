@@ -82,11 +82,9 @@ def isolated(fn: Callable[..., T], *args, **kwargs) -> T:
     """Run ``fn(*args, **kwargs)`` in a fresh Python process and return its result.
 
     Two sides of a comparison should not share a process: each would start with whatever
-    the other left behind (threads, caches, allocator state). With an OpenMP build of
-    llama.cpp it is worse: every thread that has run a model keeps its own pool of OpenMP
-    workers, and once a process holds more of those than there are cores, libgomp stops
-    spin-waiting; a batched engine measured after a plain loop on 2 cores ran ~3x slower
-    for that alone. ``fn`` must be importable (a module-level function).
+    the other left behind (threads, caches, allocator state; with an OpenMP build of
+    llama.cpp, a batched engine after a plain loop ran ~3x slower, see
+    ``envcheck.LLAMA_CPP_CMAKE_ARGS``). ``fn`` must be importable (a module-level function).
     """
     spawn = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:

@@ -227,22 +227,21 @@ class Grammar:
             sorted=False,
         )
 
+    def _apply(self, array: Any, size: int) -> None:
+        # The sampler may have marked the array selected or sorted last time: reset first.
+        array.size, array.selected, array.sorted = size, -1, False
+        self._ll.llama_sampler_apply(self._sampler, ctypes.byref(array))
+
     def allows(self, token: int) -> bool:
         """Whether the grammar accepts ``token`` next (one candidate checked, not the vocabulary)."""
         self._one[0] = (token, 0.0, 0.0)
-        self._one_array.size, self._one_array.selected, self._one_array.sorted = 1, -1, False
-        self._ll.llama_sampler_apply(self._sampler, ctypes.byref(self._one_array))
+        self._apply(self._one_array, 1)
         return bool(np.isfinite(self._one["logit"][0]))
 
     def constrain(self, logits: np.ndarray) -> np.ndarray:
         """``logits`` with every token the grammar forbids here set to -inf (a new array)."""
         self._candidates["logit"] = logits
-        self._array.size, self._array.selected, self._array.sorted = (
-            len(self._candidates),
-            -1,
-            False,
-        )
-        self._ll.llama_sampler_apply(self._sampler, ctypes.byref(self._array))
+        self._apply(self._array, len(self._candidates))
         return self._candidates["logit"].copy()
 
     def accept(self, token: int) -> None:

@@ -206,14 +206,12 @@ async def _client_left(request: Request) -> None:
         pass
 
 
-async def _unless_client_leaves(
-    request: Request, work: Awaitable[T], metrics: Metrics
-) -> tuple[bool, T | None]:
-    """Await ``work`` (a whole, non-streamed reply) unless the client hangs up first.
+async def _unless_client_leaves(request: Request, work: Awaitable[T], metrics: Metrics) -> T | None:
+    """Await ``work`` (a whole, non-streamed reply) unless the client hangs up first (None).
 
     Starlette goes on running a handler whose client has gone, so without this a closed
     connection would keep its slot until ``max_tokens``. Cancelling ``work`` cancels its
-    generations (``_collect`` cancels them on the way out). Returns ``(finished, result)``.
+    generations (``_collect`` cancels them on the way out).
     """
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_client_left(request))
@@ -225,11 +223,11 @@ async def _unless_client_leaves(
         raise
     if task in done:
         watcher.cancel()
-        return True, task.result()
+        return task.result()
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     metrics.cancelled.inc()
-    return False, None
+    return None
 
 
 def _stream_response(events: AsyncIterator[dict[str, Any]]) -> EventSourceResponse:
@@ -330,8 +328,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
             text, last = await _collect(generation, timed)
             return text, last, {}
 
-        finished, reply = await _unless_client_leaves(request, whole(), metrics)
-        if not finished:
+        reply = await _unless_client_leaves(request, whole(), metrics)
+        if reply is None:
             return Response(status_code=CLIENT_CLOSED)
         text, last, headers = reply
         content = {
@@ -420,12 +418,12 @@ async def completions(body: CompletionRequest, request: Request):
         }
 
     if not body.stream:
-        finished, results = await _unless_client_leaves(
+        results = await _unless_client_leaves(
             request,
             asyncio.gather(*(_collect(g, _Timed(metrics)) for g in generations)),
             metrics,
         )
-        if not finished:
+        if results is None:
             return Response(status_code=CLIENT_CLOSED)
         total = Usage()
         for _, last in results:
