@@ -9,10 +9,10 @@ STAMP  := $(VENV)/.installed
 PIP_VERSION := 26.3
 # pytest arguments for `make test`, e.g. make test PYTEST_ARGS="-k registry -x"
 PYTEST_ARGS ?=
-# llama.cpp is built with ggml's own thread pool, not OpenMP (why: llmlab/envcheck.py,
-# LLAMA_CPP_CMAKE_ARGS). Add your own flags in CMAKE_ARGS, e.g. CMAKE_ARGS="-DGGML_CUDA=on".
-LLAMA_CMAKE_ARGS := -DGGML_OPENMP=OFF $(CMAKE_ARGS)
-LLAMA_PIN = $$(grep -i '^llama.cpp.python==' requirements.txt)
+# llama-cpp-python is built for this CPU by llmlab/llama_build.py (explicit instruction sets,
+# no AMX, no OpenMP; one cached wheel per CPU type), then proven by a real generation.
+# Extra CMake flags go in CMAKE_ARGS, e.g. make setup CMAKE_ARGS="-DGGML_CUDA=on";
+# LLMLAB_LLAMA_AMX=1 make setup tries ggml's AMX kernels (dropped again if they crash).
 
 .PHONY: help setup chat lab serve test lint format bench notebooks clean
 
@@ -26,20 +26,17 @@ help:
 	@echo "make bench      measure speed; writes bench-results/"
 	@echo "make notebooks  re-execute the notebooks in place (refresh their outputs)"
 
-$(STAMP): requirements.txt pyproject.toml Makefile
+$(STAMP): requirements.txt pyproject.toml Makefile llmlab/llama_build.py
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11 or newer is needed (found " + sys.version.split()[0] + "). Install it, then run: make setup PYTHON=python3.11")'
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip==$(PIP_VERSION)
-	@echo "Installing the pinned requirements (the first time builds llama-cpp-python: about 10 minutes on 2 cores)..."
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install --quiet -r requirements.txt
-	@# pip reuses a wheel it built before, whatever CMAKE_ARGS say: replace an OpenMP build.
-	@if $(PY) -c 'import sys, llama_cpp; sys.exit("OPENMP = 1" not in llama_cpp.llama_print_system_info().decode())'; then \
-		echo "llama-cpp-python was an OpenMP build (from pip's cache); rebuilding it without OpenMP (about 10 minutes)..."; \
-		$(PY) -m pip cache remove llama_cpp_python >/dev/null 2>&1 || true; \
-		CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install --quiet --force-reinstall --no-deps $(LLAMA_PIN); \
-	fi
+	$(PY) -m llmlab.llama_build install
+	@echo "Installing the pinned requirements..."
+	$(PY) -m pip install --quiet -r requirements.txt
 	$(PY) -m pip install --quiet --no-deps -e .
 	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (llmlab)" >/dev/null
+	@echo "Proving llama.cpp on this CPU (a 32+ token prompt in a child process)..."
+	$(PY) -m llmlab.llama_build repair
 	@touch $(STAMP)
 
 setup: $(STAMP)

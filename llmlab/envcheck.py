@@ -18,7 +18,6 @@ import logging
 import platform
 import shutil
 import sys
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
-from llmlab import hardware, registry
+from llmlab import hardware, llama_build, registry
 from llmlab.settings import Settings, get_settings
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
@@ -42,7 +41,6 @@ OPTIONAL_PACKAGES = frozenset(
 )
 MIN_FREE_DISK = 2 * 1024**3  # room for a pulled model or two, vector stores and transcripts
 LOW_FREE_DISK = 512 * 1024**2
-GENERATION_PROMPT = "The three primary colours are"
 
 
 @dataclass
@@ -305,23 +303,43 @@ def check_llamacpp() -> Check:
     detail = (
         f"llama-cpp-python {info.get('version', '?')}, {offload}; {_build_features(system_info)}"
     )
+    missing = _missing_on_cpu(system_info)
+    if missing:
+        return Check(
+            "llama.cpp",
+            FAIL,
+            detail + f" (built for another CPU: this one has no {' '.join(missing)}, so it "
+            "dies with 'Illegal instruction')",
+            llama_build.repair_command(),
+        )
+    crash = llama_build.known_crash()
+    if crash is not None:
+        return Check(
+            "llama.cpp",
+            FAIL,
+            detail + f" (this build was {crash.detail} when it last generated here)",
+            llama_build.repair_command(),
+        )
     if "OPENMP = 1" in system_info:
         return Check(
             "llama.cpp",
             WARN,
             detail + " (OpenMP: a batching engine next to another model in one process runs "
             "~3x slower on few cores)",
-            f'CMAKE_ARGS="{LLAMA_CPP_CMAKE_ARGS}" pip install --force-reinstall --no-cache-dir '
-            f"--no-deps llama-cpp-python=={info.get('version', '?')}",
+            llama_build.repair_command(),
         )
     return Check("llama.cpp", OK, detail)
 
 
-def _build_features(system_info: str) -> str:
-    # llama.cpp's system info reads like "CPU : SSE3 = 1 | AVX = 1 | AVX2 = 1 | ... |";
-    # keep only the features that are switched on.
+def build_features(system_info: str) -> list[str]:
+    """The features a llama.cpp build has switched on, from its system info, which reads
+    like ``CPU : SSE3 = 1 | AVX = 1 | AVX2 = 1 | ... |``."""
     parts = [part.rsplit(":", 1)[-1] for part in system_info.split("|")]
-    on = [part.split("=")[0].strip() for part in parts if part.strip().endswith("= 1")]
+    return [part.split("=")[0].strip() for part in parts if part.strip().endswith("= 1")]
+
+
+def _build_features(system_info: str) -> str:
+    on = build_features(system_info)
     return "built with " + " ".join(on) if on else system_info.strip() or "no build info"
 
 
@@ -372,34 +390,77 @@ def check_model(name: str | None = None, settings: Settings | None = None) -> Ch
 def check_generation(
     name: str | None = None, max_tokens: int = 16, settings: Settings | None = None
 ) -> Check:
-    """Load the model and generate ``max_tokens`` tokens greedily; report tokens/s."""
-    from llmlab import backends
-
+    """Generate ``max_tokens`` greedy tokens after a 32+ token prompt **in a child process**
+    (a llama.cpp build that crashes on this CPU kills the child, not the caller); report
+    tokens/s, or a FAIL that names the signal, the build's features and the fix."""
     settings = settings or get_settings()
     name = name or settings.default_model
-    try:
-        start = time.perf_counter()
-        with backends.load(name) as model:
-            result = model.complete(GENERATION_PROMPT, max_tokens=max_tokens, temperature=0)
-            backend_name = model.info().get("backend", model.name)
-        seconds = time.perf_counter() - start
-    except (registry.RegistryError, backends.BackendError) as exc:
-        return Check("generation", FAIL, str(exc), _fix_from(str(exc)))
-    tokens = result.usage.completion_tokens
-    if not result.text.strip():
+    verdict = llama_build.probe(name, max_tokens=max_tokens, backend=settings.backend)
+    build_id = llama_build.installed_build_id()
+    if build_id:
+        llama_build.save_verdict(build_id, verdict)
+    if verdict.ok:
+        return Check(
+            "generation",
+            OK,
+            f"{verdict.detail} ({verdict.seconds:.1f} s with loading): {verdict.text!r}",
+        )
+    if verdict.status == "crashed":
         return Check(
             "generation",
             FAIL,
-            f"{backend_name} produced no text in {tokens} tokens",
-            f"Re-install the model: python part5/model_registry.py pull {name}",
+            f"llama.cpp was {verdict.detail} on a {verdict_prompt()}; {_build_cpu_story()}",
+            llama_build.repair_command(),
         )
-    speed = result.timings.tokens_per_second
-    return Check(
-        "generation",
-        OK,
-        f"{tokens} tokens at {speed:.1f} tokens/s on {backend_name} "
-        f"({seconds:.1f} s with loading): {GENERATION_PROMPT}{result.text!r}",
-    )
+    return Check("generation", FAIL, f"{name}: {verdict.detail}", _fix_from(verdict.detail))
+
+
+def verdict_prompt() -> str:
+    """How the probe's prompt is described in messages."""
+    return f"{llama_build.PROBE_MIN_PROMPT_TOKENS}+ token prompt"
+
+
+def _build_cpu_story() -> str:
+    """Which instruction sets the llama.cpp build uses that matter for a crash."""
+    try:
+        from llmlab.backends.llamacpp import llama_cpp_system_info
+
+        system_info = str(llama_cpp_system_info().get("system_info", ""))
+    except Exception as exc:  # the library may not even load
+        return f"its system info is unreadable ({exc})"
+    built = " ".join(build_features(system_info)) or "no build info"
+    missing = _missing_on_cpu(system_info)
+    if missing:
+        return f"the build uses {' '.join(missing)}, which this CPU lacks (built with {built})"
+    amx = [f for f in built.split() if f.startswith("AMX")]
+    if amx:
+        return f"the build uses ggml's AMX kernels ({' '.join(amx)}), which crash on some Xeons"
+    return f"built with {built}"
+
+
+# llama.cpp's system-info names -> the CPU flag each needs (Linux spelling).
+_SYSTEM_INFO_FLAGS = {
+    "AVX": "avx",
+    "AVX2": "avx2",
+    "AVX_VNNI": "avx_vnni",
+    "F16C": "f16c",
+    "FMA": "fma",
+    "BMI2": "bmi2",
+    "AVX512": "avx512f",
+    "AVX512_VBMI": "avx512vbmi",
+    "AVX512_VNNI": "avx512_vnni",
+    "AVX512_BF16": "avx512_bf16",
+    "AMX_INT8": "amx_int8",
+}
+
+
+def _missing_on_cpu(system_info: str, flags: frozenset[str] | None = None) -> list[str]:
+    """Features the build was compiled with that this CPU does not have (x86 only)."""
+    flags = llama_build.cpu_flags() if flags is None else flags
+    if not flags or not llama_build.is_x86():
+        return []
+    built = build_features(system_info)
+    return [f for f in built if f in _SYSTEM_INFO_FLAGS and _SYSTEM_INFO_FLAGS[f] not in flags]
 
 
 def iter_checks(

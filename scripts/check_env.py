@@ -1,7 +1,9 @@
 """python scripts/check_env.py [--skip-generation] [--json]
 
 The environment doctor: checks Python, the pinned packages, CPU features, memory, disk,
-GPU, llama.cpp, bitsandbytes, the default model and a first real generation. Prints one
+GPU, llama.cpp, bitsandbytes, the default model and a first real generation (after a 32+
+token prompt, in a child process, so a llama.cpp build that crashes on this CPU becomes a
+``[FAIL]`` line naming the signal and the rebuild command instead of killing the doctor). Prints one
 ``[OK]`` / ``[WARN]`` / ``[FAIL]`` line per check, each problem followed by the fix to run.
 Exits 1 if any check failed, 0 otherwise (warnings do not fail).
 """

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 from typing import Any
 
+from llmlab import llama_build
 from llmlab.backends.base import (
     Backend,
     BackendError,
@@ -108,6 +109,7 @@ def load(
     if kind == "llama.cpp":
         from llmlab.backends.llamacpp import LlamaCppBackend
 
+        refuse_a_build_known_to_crash()
         if spec.format != "gguf":
             raise ValueError(f"{spec.ref} is {spec.format}, not GGUF: use --backend transformers.")
         if options.get("quantization") not in (None, "none"):
@@ -122,6 +124,18 @@ def load(
 
     _only(options, {"n_ctx", "threads", "device", "quantization"}, "transformers")
     return TransformersBackend(spec, settings=settings, **options)
+
+
+def refuse_a_build_known_to_crash() -> None:
+    """Raise BackendError, with the fix, when the installed llama.cpp build crashed on this
+    CPU when it last generated (a cached verdict of :mod:`llmlab.llama_build`; no probe)."""
+    crash = llama_build.known_crash()
+    if crash is not None:
+        raise BackendError(
+            f"The installed llama.cpp build was {crash.detail} the last time it generated on "
+            f"this CPU, so it is not loaded again. Rebuild it for this CPU. "
+            f"Run: {llama_build.repair_command()}"
+        )
 
 
 def _only(options: dict[str, Any], allowed: set[str], engine: str) -> None:

@@ -4,8 +4,10 @@
 # Creates the Local LLM Lab environment and checks it:
 #   1. finds Python 3.11+ (and, for venv, a C/C++ compiler: llama-cpp-python is built from source)
 #   2. creates DIR with venv (default .venv) or, with --conda, a conda environment from environment.yml
-#   3. installs the pins (requirements.txt), then this repository's llmlab package (pip install -e .)
-#   4. registers the Jupyter kernel "python3" inside the environment
+#   3. installs llama-cpp-python built for this CPU (python -m llmlab.llama_build install), the pins
+#      (requirements.txt), then this repository's llmlab package (pip install -e .)
+#   4. registers the Jupyter kernel "python3" inside the environment, and proves llama.cpp by a
+#      real generation (python -m llmlab.llama_build repair: a crash rebuilds without AMX, ...)
 #   5. runs the environment doctor (scripts/check_env.py) and exits with its status
 # Safe to run twice: a stamp file in DIR records a hash of the requirement files, so a second
 # run skips the install ("already up to date") until requirements.txt or pyproject.toml change.
@@ -259,8 +261,8 @@ else
 	[[ $MODE == venv ]] && check_compiler
 	trap 'echo "error: the step above failed. Fix what it reports, then run this script again." >&2' ERR
 	say "Setting up $VENV ($MODE)."
-	# llama.cpp with ggml's own thread pool, not OpenMP (why: LLAMA_CPP_CMAKE_ARGS in llmlab/envcheck.py).
-	export CMAKE_ARGS="-DGGML_OPENMP=OFF${CMAKE_ARGS:+ $CMAKE_ARGS}"
+	# llama-cpp-python is built for this CPU by llmlab/llama_build.py (explicit instruction sets,
+	# no AMX, no OpenMP, one cached wheel per CPU type); extra CMake flags go in CMAKE_ARGS.
 	[[ -x $PY ]] || say "The first install builds llama-cpp-python: about 10 minutes on 2 cores."
 	if [[ $MODE == conda ]]; then
 		if [[ -d $VENV/conda-meta ]]; then
@@ -271,10 +273,13 @@ else
 	else
 		[[ -x $PY ]] || run "$BASE_PY" -m venv "$VENV"
 		run "$PY" -m pip install --quiet --upgrade "pip==$PIP_VERSION"
+		run "$PY" -m llmlab.llama_build install
 		run "$PY" -m pip install --quiet -r requirements.txt
 	fi
 	run "$PY" -m pip install --quiet --no-deps -e .
 	run "$PY" -m ipykernel install --sys-prefix --name python3 --display-name "$KERNEL_LABEL"
+	# Prove the build with a real generation; a crash rebuilds without the feature that crashed.
+	run "$PY" -m llmlab.llama_build repair
 	if [[ $DRY_RUN == 0 ]]; then
 		printf '%s\n# requirements hash written by part2/scripts/setup_env.sh on %s\n' \
 			"$HASH" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" >"$STAMP"

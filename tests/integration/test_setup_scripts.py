@@ -186,9 +186,11 @@ def test_full_run_then_second_run_is_up_to_date(tmp_path, fake_python):
     assert _log_lines(log) == [
         "python -m venv " + str(env_dir),
         "python -m pip install --quiet --upgrade pip==26.3",
+        "python -m llmlab.llama_build install",
         "python -m pip install --quiet -r requirements.txt",
         "python -m pip install --quiet --no-deps -e .",
         "python -m ipykernel install --sys-prefix --name python3 --display-name Python 3 (llmlab)",
+        "python -m llmlab.llama_build repair",
         "python scripts/check_env.py",
     ]
     assert f"+ {venv_py} -m pip install --quiet -r requirements.txt" in first.stdout
@@ -278,9 +280,11 @@ def test_dry_run_prints_the_steps_and_changes_nothing(tmp_path, fake_python):
     assert out.startswith("Dry run: printing the steps; nothing is changed.")
     for step in (
         f"+ {fake_python} -m venv {env_dir}",
+        f"+ {env_dir}/bin/python -m llmlab.llama_build install",
         f"+ {env_dir}/bin/python -m pip install --quiet -r requirements.txt",
         f"+ {env_dir}/bin/python -m pip install --quiet --no-deps -e .",
         f"+ {env_dir}/bin/python -m ipykernel install --sys-prefix --name python3",
+        f"+ {env_dir}/bin/python -m llmlab.llama_build repair",
         f"+ {env_dir}/bin/python scripts/check_env.py",
     ):
         assert step in out
@@ -351,6 +355,8 @@ def test_conda_dry_run_creates_from_environment_yml(tmp_path):
     assert f"+ {conda} env create --prefix {env_dir} --file environment.yml" in result.stdout
     assert f"+ {env_dir}/bin/python -m pip install --quiet --no-deps -e ." in result.stdout
     assert "requirements.txt" not in result.stdout  # conda installs the pins from environment.yml
+    # conda's pip may take a cached build for another CPU: repair puts this CPU's build in
+    assert f"+ {env_dir}/bin/python -m llmlab.llama_build repair" in result.stdout
 
 
 def test_conda_refuses_to_reuse_a_venv_folder(tmp_path, fake_python):

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from llmlab import envcheck
+from llmlab import envcheck, llama_build
 
 ROOT = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("check_env", ROOT / "scripts" / "check_env.py")
@@ -228,9 +228,50 @@ def test_an_openmp_build_of_llama_cpp_is_a_warning_with_the_rebuild_command(monk
 
     info = {"version": "0.3.36", "system_info": "CPU : AVX2 = 1 | OPENMP = 1 |"}
     monkeypatch.setattr(llamacpp, "llama_cpp_system_info", lambda: info)
+    monkeypatch.setattr(llama_build, "cpu_flags", lambda: frozenset({"avx", "avx2"}))
     check = envcheck.check_llamacpp()
-    assert check.status == envcheck.WARN and "OpenMP" in check.detail
-    assert 'CMAKE_ARGS="-DGGML_OPENMP=OFF"' in check.fix and "llama-cpp-python==0.3.36" in check.fix
+    assert check.status == "WARN" and "OpenMP" in check.detail
+    assert check.fix == f"{sys.executable} -m llmlab.llama_build repair"
+
+
+def test_a_build_for_another_cpu_is_a_fail_that_names_the_missing_set(monkeypatch):
+    # A wheel pip cached on an AVX-512 machine, installed on an AVX2-only one.
+    from llmlab.backends import llamacpp
+
+    info = {"version": "0.3.36", "system_info": "CPU : AVX2 = 1 | AVX512 = 1 | AVX512_VNNI = 1 |"}
+    monkeypatch.setattr(llamacpp, "llama_cpp_system_info", lambda: info)
+    monkeypatch.setattr(llama_build, "cpu_flags", lambda: frozenset({"avx", "avx2", "fma"}))
+    monkeypatch.setattr(llama_build, "is_x86", lambda: True)
+    check = envcheck.check_llamacpp()
+    assert check.status == "FAIL"
+    assert "built for another CPU: this one has no AVX512 AVX512_VNNI" in check.detail
+    assert check.fix == f"{sys.executable} -m llmlab.llama_build repair"
+
+
+SIGILL_CHILD = "import os, signal; os.kill(os.getpid(), signal.SIGILL)"
+
+
+def test_a_generation_that_crashes_is_a_fail_row_with_signal_cause_and_fix(
+    capsys, monkeypatch, tmp_path
+):
+    from llmlab.backends import llamacpp
+
+    real_probe = llama_build.probe
+    monkeypatch.setattr(
+        llama_build, "probe", lambda name, **kw: real_probe(name, code=SIGILL_CHILD)
+    )
+    info = {"version": "0.3.36", "system_info": "CPU : AVX2 = 1 | AVX512 = 1 | AMX_INT8 = 1 |"}
+    monkeypatch.setattr(llamacpp, "llama_cpp_system_info", lambda: info)
+    # A Sapphire Rapids Xeon: it has every set the build uses, and AMX still crashes.
+    amx_cpu = frozenset({"avx", "avx2", "avx512f", "amx_tile", "amx_int8"})
+    monkeypatch.setattr(llama_build, "cpu_flags", lambda: amx_cpu)
+    code, lines = run(capsys, "--requirements", str(pins(tmp_path, RICH)))
+    status, fix = line_of(lines, "generation")
+    assert status.startswith("[FAIL]")
+    assert "killed by SIGILL (illegal instruction" in status and "32+ token prompt" in status
+    assert "AMX kernels (AMX_INT8)" in status
+    assert fix == f"fix: {sys.executable} -m llmlab.llama_build repair"
+    assert code == 1
 
 
 def test_unusable_bitsandbytes_is_a_warning_not_a_fail(monkeypatch):
@@ -258,5 +299,5 @@ def test_real_generation_reports_tokens_per_second(capsys, tmp_path):
     code, lines = run(capsys, "--requirements", str(pins(tmp_path, RICH)))
     status, _ = line_of(lines, "generation")
     assert status.startswith("[OK]"), status
-    assert "tokens/s on llama.cpp" in status and envcheck.GENERATION_PROMPT in status
+    assert "tokens/s on llama.cpp" in status and "-token prompt" in status
     assert code == 0
