@@ -303,7 +303,7 @@ def check_llamacpp() -> Check:
     detail = (
         f"llama-cpp-python {info.get('version', '?')}, {offload}; {_build_features(system_info)}"
     )
-    missing = _missing_on_cpu(system_info)
+    missing = llama_build.missing_on_cpu(system_info)
     if missing:
         return Check(
             "llama.cpp",
@@ -331,15 +331,8 @@ def check_llamacpp() -> Check:
     return Check("llama.cpp", OK, detail)
 
 
-def build_features(system_info: str) -> list[str]:
-    """The features a llama.cpp build has switched on, from its system info, which reads
-    like ``CPU : SSE3 = 1 | AVX = 1 | AVX2 = 1 | ... |``."""
-    parts = [part.rsplit(":", 1)[-1] for part in system_info.split("|")]
-    return [part.split("=")[0].strip() for part in parts if part.strip().endswith("= 1")]
-
-
 def _build_features(system_info: str) -> str:
-    on = build_features(system_info)
+    on = llama_build.build_features(system_info)
     return "built with " + " ".join(on) if on else system_info.strip() or "no build info"
 
 
@@ -428,39 +421,14 @@ def _build_cpu_story() -> str:
         system_info = str(llama_cpp_system_info().get("system_info", ""))
     except Exception as exc:  # the library may not even load
         return f"its system info is unreadable ({exc})"
-    built = " ".join(build_features(system_info)) or "no build info"
-    missing = _missing_on_cpu(system_info)
+    built = " ".join(llama_build.build_features(system_info)) or "no build info"
+    missing = llama_build.missing_on_cpu(system_info)
     if missing:
         return f"the build uses {' '.join(missing)}, which this CPU lacks (built with {built})"
     amx = [f for f in built.split() if f.startswith("AMX")]
     if amx:
         return f"the build uses ggml's AMX kernels ({' '.join(amx)}), which crash on some Xeons"
     return f"built with {built}"
-
-
-# llama.cpp's system-info names -> the CPU flag each needs (Linux spelling).
-_SYSTEM_INFO_FLAGS = {
-    "AVX": "avx",
-    "AVX2": "avx2",
-    "AVX_VNNI": "avx_vnni",
-    "F16C": "f16c",
-    "FMA": "fma",
-    "BMI2": "bmi2",
-    "AVX512": "avx512f",
-    "AVX512_VBMI": "avx512vbmi",
-    "AVX512_VNNI": "avx512_vnni",
-    "AVX512_BF16": "avx512_bf16",
-    "AMX_INT8": "amx_int8",
-}
-
-
-def _missing_on_cpu(system_info: str, flags: frozenset[str] | None = None) -> list[str]:
-    """Features the build was compiled with that this CPU does not have (x86 only)."""
-    flags = llama_build.cpu_flags() if flags is None else flags
-    if not flags or not llama_build.is_x86():
-        return []
-    built = build_features(system_info)
-    return [f for f in built if f in _SYSTEM_INFO_FLAGS and _SYSTEM_INFO_FLAGS[f] not in flags]
 
 
 def iter_checks(

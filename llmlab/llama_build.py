@@ -153,6 +153,42 @@ def cmake_args(features: list[str] | None, extra: str = "") -> list[str]:
     return args + extra.split()
 
 
+# llama.cpp's system-info names -> the CPU flag each needs (Linux spelling).
+SYSTEM_INFO_FLAGS = {
+    "AVX": "avx",
+    "AVX2": "avx2",
+    "AVX_VNNI": "avx_vnni",
+    "F16C": "f16c",
+    "FMA": "fma",
+    "BMI2": "bmi2",
+    "AVX512": "avx512f",
+    "AVX512_VBMI": "avx512vbmi",
+    "AVX512_VNNI": "avx512_vnni",
+    "AVX512_BF16": "avx512_bf16",
+    "AMX_INT8": "amx_int8",
+}
+
+
+def build_features(system_info: str) -> list[str]:
+    """The features a llama.cpp build has switched on, from its system info, which reads
+    like ``CPU : SSE3 = 1 | AVX = 1 | AVX2 = 1 | ... |``."""
+    parts = [part.rsplit(":", 1)[-1] for part in system_info.split("|")]
+    return [part.split("=")[0].strip() for part in parts if part.strip().endswith("= 1")]
+
+
+def missing_on_cpu(system_info: str, flags: Iterable[str] | None = None) -> list[str]:
+    """Features the build was compiled with that this CPU does not have (x86 only): such a
+    build dies with SIGILL as soon as it reaches one of them."""
+    have = set(cpu_flags() if flags is None else flags)
+    if not have or not is_x86():
+        return []
+    return [
+        f
+        for f in build_features(system_info)
+        if f in SYSTEM_INFO_FLAGS and SYSTEM_INFO_FLAGS[f] not in have
+    ]
+
+
 # --------------------------------------------------------------------------- wheels
 
 

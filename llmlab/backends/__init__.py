@@ -127,8 +127,18 @@ def load(
 
 
 def refuse_a_build_known_to_crash() -> None:
-    """Raise BackendError, with the fix, when the installed llama.cpp build crashed on this
-    CPU when it last generated (a cached verdict of :mod:`llmlab.llama_build`; no probe)."""
+    """Raise BackendError, with the fix, when the installed llama.cpp build was made for
+    another CPU (it uses instruction sets this one lacks) or crashed on this CPU when it last
+    generated (a cached verdict of :mod:`llmlab.llama_build`; no probe is run)."""
+    from llmlab.backends.llamacpp import llama_cpp_system_info
+
+    missing = llama_build.missing_on_cpu(llama_cpp_system_info()["system_info"])
+    if missing:
+        raise BackendError(
+            f"The installed llama.cpp build uses {' '.join(missing)}, which this CPU lacks "
+            "(a build made on another machine), and would die with 'Illegal instruction'. "
+            f"Rebuild it for this CPU. Run: {llama_build.repair_command()}"
+        )
     crash = llama_build.known_crash()
     if crash is not None:
         raise BackendError(

