@@ -14,8 +14,9 @@ machine dies with "Illegal instruction" on an AVX2 one, and on some Xeons ggml's
 itself dies on the first multi-token prompt. So this module
 
 * builds with explicit instruction sets read from this CPU, AMX left out unless asked for
-  (``--amx`` or ``LLMLAB_LLAMA_AMX=1``); every other set the CPU has is kept, so nothing
-  is lost where there is no AMX;
+  (``--amx`` or ``LLMLAB_LLAMA_AMX=1``); every other set the CPU has and ggml uses is kept
+  (also those without a GGML_* option, as compiler flags), so nothing is lost where there
+  is no AMX;
 * keeps each wheel in ``LLMLAB_HOME/llama-builds/<key>/``, the key being a hash of the
   version, the CMake flags (and so the CPU features) and the Python tag: a wheel is only
   ever reused where the same flags were chosen;
@@ -70,10 +71,16 @@ X86_FEATURES: dict[str, tuple[str, ...]] = {
     "AMX_INT8": ("amx_int8",),
     "AMX_BF16": ("amx_bf16",),
 }
+# Instruction sets ggml's code uses (``#ifdef __AVX512FP16__``, ``__GFNI__``) that have no
+# GGML_* option: -march=native would switch them on, so they go in as compiler flags.
+EXTRA_ISA: dict[str, tuple[str, str]] = {
+    "AVX512_FP16": ("avx512_fp16", "-mavx512fp16"),
+    "GFNI": ("gfni", "-mgfni"),
+}
 # What to drop, in order, when a build crashes: the newest, least tested kernels first.
 FALLBACK_GROUPS: dict[str, tuple[str, ...]] = {
     "AMX": ("AMX_TILE", "AMX_INT8", "AMX_BF16"),
-    "AVX-512": ("AVX512", "AVX512_VBMI", "AVX512_VNNI", "AVX512_BF16"),
+    "AVX-512": ("AVX512", "AVX512_VBMI", "AVX512_VNNI", "AVX512_BF16", "AVX512_FP16"),
     "AVX-VNNI": ("AVX_VNNI",),
 }
 BASE_CMAKE_ARGS = ("-DGGML_OPENMP=OFF",)  # why: LLAMA_CPP_CMAKE_ARGS in llmlab/envcheck.py
@@ -129,7 +136,11 @@ def is_x86() -> bool:
 def cpu_features(flags: Iterable[str] | None = None) -> list[str]:
     """The ggml features this CPU supports, in :data:`X86_FEATURES` order."""
     have = set(cpu_flags() if flags is None else flags)
-    return [name for name, needs in X86_FEATURES.items() if all(f in have for f in needs)]
+    options = [name for name, needs in X86_FEATURES.items() if all(f in have for f in needs)]
+    extras = [name for name, (flag, _) in EXTRA_ISA.items() if flag in have]
+    if "AVX512" not in options:
+        extras = [name for name in extras if not name.startswith("AVX512")]
+    return options + extras
 
 
 def choose_features(
@@ -141,6 +152,11 @@ def choose_features(
     if not amx:
         drop |= set(FALLBACK_GROUPS["AMX"])
     return [name for name in cpu_features(flags) if name not in drop]
+
+
+def isa_cflags(features: list[str] | None) -> str:
+    """Compiler flags for the :data:`EXTRA_ISA` sets in ``features`` (CFLAGS / CXXFLAGS)."""
+    return " ".join(flag for name, (_, flag) in EXTRA_ISA.items() if name in (features or []))
 
 
 def cmake_args(features: list[str] | None, extra: str = "") -> list[str]:
@@ -228,6 +244,7 @@ class BuildRecord:
     cmake_args: list[str]
     features: list[str] | None
     lib_sha256: str
+    cflags: str = ""
     built_on: str = field(default_factory=lambda: platform.processor() or platform.machine())
 
     def save(self, folder: Path) -> None:
@@ -297,11 +314,16 @@ def _pip(python: str, *args: str, env: dict[str, str] | None = None) -> None:
         )
 
 
-def build_wheel(version: str, args: list[str], folder: Path, python: str = sys.executable) -> Path:
-    """Compile llama-cpp-python from source with ``args`` into ``folder``; returns the wheel."""
+def build_wheel(
+    version: str, args: list[str], folder: Path, python: str = sys.executable, cflags: str = ""
+) -> Path:
+    """Compile llama-cpp-python from source with CMake ``args`` (and ``cflags`` added to
+    CFLAGS / CXXFLAGS) into ``folder``; returns the wheel."""
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
         env = {**os.environ, "CMAKE_ARGS": " ".join(args)}
+        for var in ("CFLAGS", "CXXFLAGS"):
+            env[var] = f"{env.get(var, '')} {cflags}".strip()
         # --no-cache-dir: pip must neither hand back nor keep a wheel keyed on the sdist alone.
         _pip(python, "wheel", "--quiet", "--no-deps", "--no-cache-dir", "--no-binary", PACKAGE,
              "-w", tmp, f"{PACKAGE}=={version}", env=env)  # fmt: skip
@@ -331,7 +353,8 @@ def install(
     the lab's cache, or compiled now (then cached)."""
     version = pinned_version()
     args = cmake_args(features, extra_args)
-    key = build_key(version, args)
+    cflags = isa_cflags(features)
+    key = build_key(version, [*args, f"CFLAGS={cflags}"] if cflags else args)
     folder = builds_dir() / key
     record = None if rebuild else BuildRecord.load(folder)
     if record and record.lib_sha256 == installed_build_id():
@@ -341,8 +364,10 @@ def install(
         say(f"Building {PACKAGE} {version} for this CPU ({_describe(features)}); "
             "about 10 minutes on 2 cores, once per CPU type...")  # fmt: skip
         shutil.rmtree(folder, ignore_errors=True)
-        wheel = build_wheel(version, args, folder, python)
-        record = BuildRecord(key, version, wheel.name, args, features, wheel_libs_hash(wheel))
+        wheel = build_wheel(version, args, folder, python, cflags)
+        record = BuildRecord(
+            key, version, wheel.name, args, features, wheel_libs_hash(wheel), cflags
+        )
         record.save(folder)
     else:
         say(f"Installing {PACKAGE} {version} for this CPU from {folder} ({_describe(features)}).")
@@ -595,7 +620,10 @@ def main(argv: list[str] | None = None) -> int:
     features = None if not is_x86() else choose_features(amx=args.amx, excluded=excluded_groups())
     try:
         if args.command == "features":
-            print(" ".join(cmake_args(features, extra)))
+            cflags = isa_cflags(features)
+            print(f'CMAKE_ARGS="{" ".join(cmake_args(features, extra))}"')
+            if cflags:
+                print(f'CFLAGS="{cflags}" CXXFLAGS="{cflags}"')
             return 0
         if args.command == "install":
             install(features, extra, rebuild=args.rebuild)

@@ -64,6 +64,23 @@ def test_avx512_needs_all_five_flags_ggml_compiles_for():
     assert "AVX512" in llama_build.cpu_features(AVX512_CPU)
 
 
+def test_sets_without_a_ggml_option_become_compiler_flags_as_native_would_set_them():
+    fp16_cpu = AMX_CPU | {"avx512_fp16", "gfni"}
+    features = llama_build.choose_features(fp16_cpu)
+    assert {"AVX512_FP16", "GFNI"} <= set(features)
+    assert llama_build.isa_cflags(features) == "-mavx512fp16 -mgfni"
+    assert llama_build.isa_cflags(llama_build.choose_features(AVX2_CPU)) == ""
+    # Dropping AVX-512 after a crash drops its FP16 extension too.
+    assert "AVX512_FP16" not in llama_build.choose_features(fp16_cpu, excluded=["AVX-512"])
+
+
+def test_the_wheel_is_built_with_those_flags(fake_pip, lab_home):
+    features = llama_build.choose_features(AVX2_CPU | {"gfni"})
+    record = llama_build.install(features, say=lambda _: None)
+    assert record.cflags == "-mgfni"
+    assert "-mgfni" in (fake_pip.lib / "libggml-cpu.so").read_text()
+
+
 def test_an_excluded_group_is_dropped_whole():
     features = llama_build.choose_features(AMX_CPU, amx=True, excluded=["AVX-512"])
     assert not [f for f in features if f.startswith("AVX512")]
@@ -105,7 +122,7 @@ class FakePip:
             out = Path(args[args.index("-w") + 1])
             with zipfile.ZipFile(out / "llama_cpp_python-0.3.36-cp311-linux_x86_64.whl", "w") as z:
                 z.writestr("llama_cpp/__init__.py", "")
-                z.writestr("llama_cpp/lib/libggml-cpu.so", env["CMAKE_ARGS"])
+                z.writestr("llama_cpp/lib/libggml-cpu.so", env["CMAKE_ARGS"] + " " + env["CFLAGS"])
         elif args[0] == "install":
             with zipfile.ZipFile(args[-1]) as z:
                 self.lib.mkdir(parents=True, exist_ok=True)
