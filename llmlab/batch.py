@@ -4,7 +4,7 @@ The logic behind ``part3/batch_process.py``::
 
     from llmlab import batch
     rows = list(batch.read_inputs("prompts.jsonl"))          # .jsonl, .csv or .txt
-    done = batch.completed_ids("answers.jsonl")              # ids finished by an earlier run
+    done = batch.read_finished("answers.jsonl").ids          # ids finished by an earlier run
     todo = [r for r in rows if batch.id_key(r.id) not in done]
     with batch.OutputWriter("answers.jsonl") as out:
         for outcome in batch.run_with_engine(engine, todo, params):
@@ -19,12 +19,16 @@ CSV). A row that cannot be used (bad JSON, no prompt, a duplicate id) becomes an
 Each output line holds ``id``, ``prompt`` (and ``messages`` when the input gave them),
 ``output``, ``finish_reason``, ``usage``, ``seconds``, and ``error`` when the row failed.
 Lines are written and flushed as rows finish, so a killed run keeps every finished row.
+On resume, :func:`read_finished` counts every readable record as done and moves a damaged
+line (a torn write, a bad edit) to ``OUTPUT.damaged``, so nothing is dropped unseen.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
+import os
 import queue
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -35,6 +39,8 @@ from typing import Any
 from llmlab.backends.base import GenerationParams, Message, Result, Usage
 
 FORMATS = (".jsonl", ".csv", ".txt")
+DAMAGED_SUFFIX = ".damaged"  # where read_finished keeps the lines it could not use
+RECORD_KEYS = ("id", "output", "finish_reason")  # every output record has these
 
 
 class InputError(Exception):
@@ -126,8 +132,8 @@ def _row_from_record(
     return InputRow(id=row_id, line=line, prompt=prompt, fields=record)
 
 
-def _read_jsonl(path: Path, column: str, template: str | None) -> Iterator[InputRow]:
-    with path.open(encoding="utf-8") as f:
+def _read_jsonl(path: Path, column: str, template: str | None, encoding: str) -> Iterator[InputRow]:
+    with path.open(encoding=encoding) as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -139,8 +145,8 @@ def _read_jsonl(path: Path, column: str, template: str | None) -> Iterator[Input
             yield _row_from_record(record, line_no, line_no, column, template)
 
 
-def _read_csv(path: Path, column: str, template: str | None) -> Iterator[InputRow]:
-    with path.open(encoding="utf-8", newline="") as f:
+def _read_csv(path: Path, column: str, template: str | None, encoding: str) -> Iterator[InputRow]:
+    with path.open(encoding=encoding, newline="") as f:
         reader = csv.DictReader(f)
         names = reader.fieldnames or []
         if column not in names and not template:
@@ -161,33 +167,62 @@ def _read_csv(path: Path, column: str, template: str | None) -> Iterator[InputRo
             )
 
 
-def _read_txt(path: Path) -> Iterator[InputRow]:
-    with path.open(encoding="utf-8") as f:
+def _read_txt(path: Path, encoding: str) -> Iterator[InputRow]:
+    with path.open(encoding=encoding) as f:
         for line_no, line in enumerate(f, start=1):
             text = line.rstrip("\r\n")
             if text.strip():
                 yield InputRow(id=line_no, line=line_no, prompt=text, fields={"prompt": text})
 
 
+def _decode_error(path: Path, encoding: str) -> InputError:
+    """Where ``path`` stops being ``encoding`` text, and what to do about it."""
+    data = path.read_bytes()
+    try:
+        data.decode(encoding)
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - data.rfind(b"\n", 0, exc.start)
+        return InputError(
+            f"{path}:{line}: byte 0x{data[exc.start]:02x} (column {column}) is not "
+            f"{encoding} text. Re-save the file as UTF-8 (in your editor: Save as, encoding "
+            "UTF-8), or name the encoding it has with --encoding, e.g. --encoding cp1252 for "
+            "a Windows or Latin-1 file."
+        )
+    return InputError(f"{path} could not be read as {encoding} text.")
+
+
 def read_inputs(
-    path: str | Path, column: str = "prompt", template: str | None = None
+    path: str | Path,
+    column: str = "prompt",
+    template: str | None = None,
+    encoding: str = "utf-8",
 ) -> Iterator[InputRow]:
     """Yield every row of ``path`` (``.jsonl``, ``.csv`` or ``.txt``), unusable ones with ``error`` set.
 
     Ids must be unique: a repeated id becomes an error row with the id ``"line N"``.
+    A UTF-8 file may start with a byte-order mark (as Windows editors write it).
 
     Raises:
-        InputError: unknown file type, or a CSV without the prompt column.
+        InputError: unknown file type or encoding, text that is not in ``encoding`` (the
+            message names the line), or a CSV without the prompt column.
         FileNotFoundError: ``path`` does not exist.
     """
     path = Path(path)
     suffix = path.suffix.lower()
+    try:
+        codec = codecs.lookup(encoding).name
+    except LookupError:
+        raise InputError(
+            f"Unknown encoding {encoding!r}: use e.g. utf-8, cp1252 or latin-1."
+        ) from None
+    text_encoding = "utf-8-sig" if codec == "utf-8" else encoding
     if suffix == ".jsonl":
-        rows = _read_jsonl(path, column, template)
+        rows = _read_jsonl(path, column, template, text_encoding)
     elif suffix == ".csv":
-        rows = _read_csv(path, column, template)
+        rows = _read_csv(path, column, template, text_encoding)
     elif suffix == ".txt":
-        rows = _read_txt(path)
+        rows = _read_txt(path, text_encoding)
     else:
         raise InputError(
             f"Unsupported input type {path.suffix!r}: use one of {', '.join(FORMATS)}."
@@ -195,47 +230,117 @@ def read_inputs(
     if not path.exists():
         raise FileNotFoundError(f"Input file {path} does not exist.")
     seen: dict[str, int] = {}
-    for row in rows:
-        key = id_key(row.id)
-        if key in seen:
-            yield InputRow(
-                id=f"line {row.line}",
-                line=row.line,
-                error=f"duplicate id {row.id!r} (first used on line {seen[key]})",
-            )
-            continue
-        seen[key] = row.line
-        yield row
+    try:
+        for row in rows:
+            key = id_key(row.id)
+            if key in seen:
+                yield InputRow(
+                    id=f"line {row.line}",
+                    line=row.line,
+                    error=f"duplicate id {row.id!r} (first used on line {seen[key]})",
+                )
+                continue
+            seen[key] = row.line
+            yield row
+    except UnicodeDecodeError:
+        raise _decode_error(path, encoding) from None
 
 
-def completed_ids(path: str | Path) -> set[str]:
-    """Ids (as :func:`id_key`) already written to the output ``path`` by an earlier run.
+@dataclass
+class Finished:
+    """What earlier runs left in an output file (see :func:`read_finished`)."""
 
-    A run killed mid-write can leave a partial last line; it is cut off here, so the row
-    is run again and the file stays one valid JSON object a line.
+    records: dict[str, dict[str, Any]] = field(default_factory=dict)  # by id_key, file order
+    damaged: list[tuple[int, str]] = field(default_factory=list)  # (line number, why)
+    aside: Path | None = None  # the file the damaged lines were moved to
+
+    @property
+    def ids(self) -> set[str]:
+        """The finished rows' ids, as :func:`id_key`."""
+        return set(self.records)
+
+    @property
+    def failed(self) -> int:
+        """How many finished rows carry an ``error``."""
+        return sum("error" in record for record in self.records.values())
+
+
+def _check_record(raw: bytes, seen: dict[str, int]) -> tuple[dict[str, Any] | None, str]:
+    """One output line as a record, or ``(None, why it cannot be used)``."""
+    try:
+        record = json.loads(raw)
+    except ValueError:  # bad JSON or bytes that are not UTF-8
+        if not raw.endswith(b"\n"):
+            return None, "cut short: the run was stopped while writing it"
+        return None, "not valid JSON"
+    if not isinstance(record, dict) or not isinstance(record.get("id"), str | int):
+        return None, "not a result record (no 'id')"
+    first = seen.get(id_key(record["id"]))
+    if first is not None:
+        return None, f"a second result for id {record['id']!r} (the first is on line {first})"
+    return record, ""
+
+
+def read_finished(path: str | Path) -> Finished:
+    """The rows an earlier run finished in the output ``path``, made safe to append to.
+
+    Every readable record counts as done, wherever it is in the file. A line that cannot
+    be used (a torn write, an edit that broke the JSON, a second result for an id) is
+    moved, byte for byte, to ``path`` + ``.damaged`` and listed in ``damaged`` with its
+    line number, so the caller can say so; its row runs again unless the file has a result
+    for it elsewhere. A last record without its newline is kept and gets one.
     """
     path = Path(path)
+    found = Finished()
     if not path.exists():
-        return set()
+        return found
     data = path.read_bytes()
-    done: set[str] = set()
-    good_end = 0
-    for raw in data.splitlines(keepends=True):
-        try:
-            record = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            if not raw.strip():
-                good_end += len(raw)
+    kept: list[bytes] = []
+    bad: list[bytes] = []
+    seen: dict[str, int] = {}
+    for number, raw in enumerate(data.splitlines(keepends=True), start=1):
+        if not raw.strip():
+            continue
+        record, why = _check_record(raw, seen)
+        if record is None:
+            found.damaged.append((number, why))
+            bad.append(raw if raw.endswith(b"\n") else raw + b"\n")
+            continue
+        seen[id_key(record["id"])] = number
+        found.records[id_key(record["id"])] = record
+        kept.append(raw if raw.endswith(b"\n") else raw + b"\n")
+    if bad:
+        found.aside = path.with_name(path.name + DAMAGED_SUFFIX)
+        with found.aside.open("ab") as f:  # kept aside first: a kill now loses nothing
+            f.write(b"".join(bad))
+            f.flush()
+            os.fsync(f.fileno())
+    if bad or not data.endswith(b"\n") and kept:
+        partial = path.with_name(path.name + ".partial")
+        with partial.open("wb") as f:
+            f.write(b"".join(kept))
+            f.flush()
+            os.fsync(f.fileno())
+        partial.replace(path)  # atomic: the file is the old one or the repaired one
+    return found
+
+
+def looks_like_output(path: str | Path) -> bool:
+    """Whether ``path`` holds results this module wrote (so resuming or overwriting it is safe).
+
+    The first line that is JSON decides: a record with ``id``, ``output`` and
+    ``finish_reason``. A file with no JSON line is output only if it is one line cut short
+    (a run stopped while writing its first row).
+    """
+    with Path(path).open("rb") as f:
+        for raw in f:
+            try:
+                record = json.loads(raw)
+            except ValueError:
                 continue
-            break
-        if not raw.endswith(b"\n"):
-            break  # a complete object without its newline: rewrite it whole
-        done.add(id_key(record.get("id")))
-        good_end += len(raw)
-    if good_end < len(data):
-        with path.open("r+b") as f:
-            f.truncate(good_end)
-    return done
+            return isinstance(record, dict) and all(key in record for key in RECORD_KEYS)
+    data = Path(path).read_bytes()
+    return data.startswith(b'{"id": ') and b"\n" not in data
 
 
 @dataclass
@@ -275,12 +380,14 @@ class OutputWriter:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = self.path.open("a" if append else "w", encoding="utf-8")
+        self.written = 0  # lines written by this writer
 
     def write(self, outcome: Outcome) -> dict[str, Any]:
         """Write ``outcome`` as one line; returns the record written."""
         record = outcome.to_record()
         self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
         self._file.flush()
+        self.written += 1
         return record
 
     def close(self) -> None:
@@ -345,8 +452,11 @@ def run_with_engine(
     """Run rows through a :class:`llmlab.engine.Engine`, yielding each as it finishes.
 
     At most ``max_in_flight`` rows (default: twice the engine's slots) are submitted at a
-    time, so a file of any length never floods the engine's queue. Stopping early (an
-    exception or ``close()`` of this generator) cancels the rows still running.
+    time, so a file of any length never floods the engine's queue. A row the engine
+    refuses (a prompt too long for the context window) becomes that row's error, as in
+    :func:`run_sequential`; an :class:`~llmlab.engine.EngineError` from ``submit`` (engine
+    closed, queue full) ends the run. Stopping early (an exception or ``close()`` of this
+    generator) cancels the rows still running.
     """
     from llmlab.engine import EngineError, Request
 
@@ -377,9 +487,15 @@ def run_with_engine(
                     continue
                 counter += 1
                 token = counter
-                handle = engine.submit(
-                    Request(messages=messages, params=params), on_chunk=on_chunk(token)
-                )
+                try:
+                    handle = engine.submit(
+                        Request(messages=messages, params=params), on_chunk=on_chunk(token)
+                    )
+                except EngineError:
+                    raise  # about the engine, not this row: closed, or its queue is full
+                except Exception as exc:  # this row cannot run (too long, ...): the rest go on
+                    yield Outcome(row, error=f"{type(exc).__name__}: {exc}")
+                    continue
                 in_flight[token] = (row, handle)
             if not in_flight:
                 return

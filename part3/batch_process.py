@@ -38,6 +38,10 @@ input formats:
 
 output: one JSON line per input row, in the order rows finish:
   {"id", "prompt", "output", "finish_reason", "usage", "seconds"} plus "error" where the row failed.
+  A row that failed (e.g. a prompt too long for --n-ctx) is listed on stderr and written with
+  its "error"; the run goes on.
+resume: rows with a readable result in OUTPUT are skipped; a damaged line in it (a torn write,
+  a bad edit) is reported with its line number and moved to OUTPUT.damaged, and its row runs again.
 exit status: 0 all rows done, 1 some rows failed (see their "error"), 2 usage or input problem,
 130 interrupted (rerun with --resume).
 """
@@ -76,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--column", default="prompt", help="CSV column (or JSONL field) holding the prompt"
     )
     parser.add_argument(
+        "--encoding",
+        default="utf-8",
+        help="text encoding of INPUT, e.g. cp1252 for a Windows/Latin-1 file (default: utf-8)",
+    )
+    parser.add_argument(
         "--resume", action="store_true", help="skip rows whose id is already in OUTPUT"
     )
     parser.add_argument("--overwrite", action="store_true", help="start OUTPUT afresh if it exists")
@@ -88,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--n-ctx",
+        "--ctx",
+        dest="n_ctx",
         type=int,
         default=None,
         help="context window per sequence (default: LLMLAB_N_CTX)",
@@ -143,18 +154,28 @@ class Reporter:
             self.progress.stop()
 
 
+def _model(name: str | None) -> registry.ModelSpec:
+    """The catalog entry to run, its file checked (sha256, and that it is a GGUF file)."""
+    spec = registry.resolve(name)
+    if spec.format == "gguf" and spec.path.is_file():
+        registry.read_gguf_info(spec.path)  # junk under a model's name: say so before llama.cpp
+    return spec
+
+
 def _outcomes(
     args: argparse.Namespace, rows: list[batch.InputRow], params: GenerationParams, resources: list
 ) -> Iterator[batch.Outcome]:
+    spec = _model(args.model)
     if args.engine == "sequential":
         from llmlab import backends
 
-        model = backends.load(args.model, n_ctx=args.n_ctx)
+        model = backends.load(spec, n_ctx=args.n_ctx)
         resources.append(model)
+        model.count_tokens("hello")  # backends load lazily: a bad file shows up now, not per row
         return batch.run_sequential(model.chat, rows, params, args.system, args.template)
     from llmlab.engine import Engine
 
-    engine = Engine(args.model, parallel=args.parallel, n_ctx=args.n_ctx)
+    engine = Engine(spec, parallel=args.parallel, n_ctx=args.n_ctx)
     resources.append(engine)
     return batch.run_with_engine(engine, rows, params, args.system, args.template)
 
@@ -163,29 +184,90 @@ def _error(message: str) -> None:
     print(message, file=sys.stderr)
 
 
+def _check_paths(args: argparse.Namespace) -> str | None:
+    """Why INPUT or OUTPUT cannot be used as given (``None`` if they can)."""
+    src, out = args.input, args.output
+    if src.is_dir():
+        return f"error: {src} is a folder. Pass one .jsonl, .csv or .txt file of prompts."
+    if not src.is_file():
+        return f"error: input file {src} not found. Pass a .jsonl, .csv or .txt file of prompts."
+    if out.is_dir():
+        return (
+            f"error: -o {out} is a folder. Name the results file, e.g. -o {out / 'answers.jsonl'}."
+        )
+    if out.exists() and out.samefile(src):
+        return f"error: -o {out} is the input file. Write the results to another file."
+    if not (out.exists() and out.stat().st_size):
+        return None
+    if not batch.looks_like_output(out):
+        return (
+            f"error: {out} is not a results file of this program (its lines are not "
+            '{"id", "output", "finish_reason", ...} records), so it is left as it is: '
+            "--resume and --overwrite only take a file batch_process.py wrote. "
+            "Choose another -o file."
+        )
+    if not (args.resume or args.overwrite):
+        return (
+            f"error: {out} already has results. Add --resume to continue it, "
+            "--overwrite to start again, or choose another -o file."
+        )
+    return None
+
+
+def _check_model(name: str | None) -> str | None:
+    """Why ``--model`` cannot be used (a file path instead of a catalog name), or ``None``."""
+    if not name or not (name.endswith(".gguf") or "/" in name):
+        return None
+    what = "is a file, not a catalog name" if Path(name).expanduser().exists() else "does not exist"
+    return (
+        f"error: --model {name} {what}. Models are named from the catalog: add your GGUF file "
+        f"with {registry.CLI} add PATH --name NAME, then use --model NAME."
+    )
+
+
+def _finished_ids(output: Path) -> set[str]:
+    """Ids already in ``output``; damaged lines are set aside and listed on stderr."""
+    found = batch.read_finished(output)
+    for line, why in found.damaged:
+        _error(f"{output}:{line}: damaged line ({why}), moved to {found.aside}")
+    if found.damaged:
+        _error(
+            f"{len(found.damaged)} damaged line(s) kept in {found.aside}; "
+            f"the {len(found.ids)} readable results stay, and rows without one run again."
+        )
+    return found.ids
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.parallel < 1 or args.max_tokens < 1:
         _error("error: --parallel and --max-tokens must be at least 1.")
         return 2
-    if not args.input.is_file():
-        _error(
-            f"error: input file {args.input} not found. Pass a .jsonl, .csv or .txt file of prompts."
-        )
-        return 2
-    if args.output.exists() and args.output.stat().st_size and not (args.resume or args.overwrite):
-        _error(
-            f"error: {args.output} already has results. Add --resume to continue it, "
-            "--overwrite to start again, or choose another -o file."
-        )
+    problem = _check_paths(args) or _check_model(args.model)
+    if problem:
+        _error(problem)
         return 2
     try:
-        rows = list(batch.read_inputs(args.input, column=args.column, template=args.template))
-    except (batch.InputError, UnicodeDecodeError) as exc:
+        rows = list(
+            batch.read_inputs(
+                args.input, column=args.column, template=args.template, encoding=args.encoding
+            )
+        )
+    except batch.InputError as exc:
         _error(f"error: {exc}")
         return 2
+    except OSError as exc:
+        _error(f"error: cannot read {args.input} ({exc.strerror}).")
+        return 2
+    if not rows:
+        _error(
+            f"error: {args.input} holds no prompts (it is empty or has only blank lines"
+            f"{' and a header' if args.input.suffix.lower() == '.csv' else ''}). "
+            "Add one prompt a line (.txt), one JSON object a line (.jsonl) or one CSV row each."
+        )
+        return 2
 
-    done = batch.completed_ids(args.output) if args.resume else set()
+    done = _finished_ids(args.output) if args.resume else set()
     todo = [row for row in rows if batch.id_key(row.id) not in done]
     for row in todo:
         if row.error:
@@ -202,20 +284,28 @@ def main(argv: list[str] | None = None) -> int:
         max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed
     )
     resources: list = []
-    reporter = None
+    reporter = writer = None
     try:
         outcomes = _outcomes(args, todo, params, resources)
+        try:
+            writer = batch.OutputWriter(args.output, append=args.resume)
+        except OSError as exc:
+            outcomes.close()
+            _error(f"error: cannot write {args.output} ({exc.strerror}). Choose another -o file.")
+            return 2
         reporter = Reporter(len(todo), Console())
-        with batch.OutputWriter(args.output, append=args.resume) as writer:
+        with writer:
             try:
                 for outcome in outcomes:
                     reporter.update(writer.write(outcome))
+                    if outcome.error and not outcome.row.error:  # malformed rows: listed above
+                        _error(f"{args.input}:{outcome.row.line}: failed: {outcome.error}")
             finally:
                 outcomes.close()  # cancels rows still running if we stop early
     except KeyboardInterrupt:
         if reporter:
             reporter.stop()
-        written = reporter.rows if reporter else 0
+        written = writer.written if writer else 0
         _error(
             f"Interrupted: {written} rows were written to {args.output}. "
             "Run the same command with --resume to finish the rest."
@@ -237,9 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{reporter.tokens} tokens), {reporter.errors} failed. Results: {args.output}"
     )
     if reporter.errors:
-        print(
-            'Failed rows carry an "error" field saying why (malformed rows were also listed above).'
-        )
+        print('Failed rows carry an "error" field saying why (they were also listed above).')
     return 1 if reporter.errors else 0
 
 

@@ -1,20 +1,24 @@
 """part3/batch_process.py end to end on the default model: every input format, malformed
-rows, resume after an interrupted and after a killed run, and the usage errors."""
+rows, resume after an interrupted and after a killed run, and every bad input (one
+parametrised test: the message, the exit code, no traceback, nothing finished lost)."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from llmlab import batch
+from llmlab import batch, registry
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "part3" / "batch_process.py"
@@ -225,3 +229,318 @@ def test_help_shows_examples(capsys):
         batch_process.main(["--help"])
     text = capsys.readouterr().out
     assert "--resume" in text and "examples:" in text and ".jsonl" in text
+
+
+# --- every bad input at once ---------------------------------------------------------------
+
+
+@dataclass
+class Step:
+    """One run of the program: its arguments, exit code and the phrases it must print."""
+
+    args: list[str]
+    code: int
+    says: list[str]
+    interrupt_after: int | None = None  # Ctrl-C after this many rows are written
+
+
+@dataclass
+class Case:
+    files: Callable[[Path], None]  # writes the case's files into the (current) folder
+    steps: list[Step]
+    ids: list | None = None  # every input id, once each, in out.jsonl at the end
+
+
+def _prompts_txt(folder: Path, n: int = 4) -> None:
+    (folder / "in.txt").write_text("\n".join(QUESTIONS[:n]) + "\n", encoding="utf-8")
+
+
+def _finished_output(folder: Path, n: int = 6, damaged_line: int | None = None) -> None:
+    """in.txt with ``n`` prompts and out.jsonl holding results for all but the last one."""
+    _prompts_txt(folder, n)
+    records = [
+        {
+            "id": i,
+            "prompt": QUESTIONS[i - 1],
+            "output": f"answer {i}",
+            "finish_reason": "stop",
+            "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7},
+            "seconds": 0.1,
+        }
+        for i in range(1, n)
+    ]
+    lines = [json.dumps(r) for r in records]
+    if damaged_line:
+        lines[damaged_line - 1] = lines[damaged_line - 1][:25] + "\x00 torn"
+    (folder / "out.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _register_default_copy(folder: Path, name: str, damage: Callable[[Path], None]) -> None:
+    """Register a copy of the default model as ``name``, then damage the copy."""
+    _prompts_txt(folder, 2)
+    copy = folder / "copy.gguf"
+    shutil.copyfile(registry.resolve().path, copy)
+    registry.add(copy, name=name)
+    damage(copy)
+
+
+def _junk_same_size(path: Path) -> None:
+    size = path.stat().st_size
+    path.write_bytes((b"not a model " * (size // 12 + 1))[:size])
+
+
+def _junk_registered_without_checksum(folder: Path) -> None:
+    """A hand-written catalog entry pointing at a file of junk bytes (no size or sha256)."""
+    _prompts_txt(folder, 2)
+    (folder / "junk.gguf").write_bytes(b"\x00junk" * 1000)
+    spec = registry.ModelSpec(
+        name="junk",
+        format="gguf",
+        capabilities=["chat"],
+        source=registry.Source(kind="path", path=str(folder / "junk.gguf")),
+        user=True,
+    )
+    registry.save_user_entry(spec)
+
+
+OUT = ["-o", "out.jsonl", *FAST]
+
+CASES = {
+    "missing input file": Case(
+        lambda d: None,
+        [Step(["none.txt", *OUT], 2, ["input file none.txt not found", "Pass a .jsonl"])],
+    ),
+    "a folder for the input file": Case(
+        lambda d: (d / "docs").mkdir(),
+        [Step(["docs", *OUT], 2, ["docs is a folder", "Pass one .jsonl, .csv or .txt file"])],
+    ),
+    "empty input file": Case(
+        lambda d: (d / "in.txt").write_text("\n\n", encoding="utf-8"),
+        [Step(["in.txt", *OUT], 2, ["in.txt holds no prompts", "Add one prompt a line"])],
+    ),
+    "a CSV with only its header": Case(
+        lambda d: (d / "in.csv").write_text("prompt\n", encoding="utf-8"),
+        [Step(["in.csv", *OUT], 2, ["in.csv holds no prompts", "and a header"])],
+    ),
+    "a folder for the output file": Case(
+        lambda d: (_prompts_txt(d), (d / "results").mkdir()),
+        [Step(["in.txt", "-o", "results"], 2, ["-o results is a folder", "results/answers.jsonl"])],
+    ),
+    "the input file as the output": Case(
+        _prompts_txt,
+        [Step(["in.txt", "-o", "in.txt", "--overwrite"], 2, ["is the input file"])],
+    ),
+    "wrong model name": Case(
+        _prompts_txt,
+        [Step(["in.txt", *OUT, "--model", "smolm2"], 2, ["Unknown model 'smolm2'", "list"])],
+    ),
+    "a GGUF path instead of a model name": Case(
+        lambda d: (_prompts_txt(d), (d / "junk.gguf").write_bytes(b"junk" * 100)),
+        [
+            Step(
+                ["in.txt", *OUT, "--model", "junk.gguf"],
+                2,
+                ["is a file, not a catalog name", "model_registry.py add PATH"],
+            )
+        ],
+    ),
+    "corrupt GGUF registered without a checksum": Case(
+        _junk_registered_without_checksum,
+        [
+            Step(
+                ["in.txt", *OUT, "--model", "junk"],
+                2,
+                ["junk.gguf is not a GGUF model file", "Convert it to GGUF"],
+            ),
+            Step(
+                ["in.txt", *OUT, "--model", "junk", "--engine", "sequential"],
+                2,
+                ["junk.gguf is not a GGUF model file"],
+            ),
+        ],
+    ),
+    "registered GGUF overwritten (wrong checksum)": Case(
+        lambda d: _register_default_copy(d, "mine", _junk_same_size),
+        [
+            Step(
+                ["in.txt", *OUT, "--model", "mine"],
+                2,
+                ["does not match its sha256", "model_registry.py remove mine:latest"],
+            )
+        ],
+    ),
+    "registered GGUF truncated": Case(
+        lambda d: _register_default_copy(d, "cut", lambda p: os.truncate(p, 4096)),
+        [Step(["in.txt", *OUT, "--model", "cut"], 2, ["has 4096 bytes", "truncated or corrupt"])],
+    ),
+    "a prompt too long for the context, then --resume": Case(
+        lambda d: (d / "in.jsonl").write_text(
+            json.dumps({"id": "a", "prompt": "Say hello."})
+            + "\n"
+            + json.dumps({"id": "long", "prompt": "word " * 400})
+            + "\n"
+            + json.dumps({"id": "b", "prompt": "Name a colour."})
+            + "\n",
+            encoding="utf-8",
+        ),
+        [
+            Step(
+                ["in.jsonl", *OUT],
+                1,
+                [
+                    "in.jsonl:2: failed: ContextOverflowError",
+                    "context window of 256",
+                    "--max-tokens",
+                    "--ctx",
+                    "Done: 3 rows",
+                ],
+            ),
+            Step(["in.jsonl", *OUT, "--resume"], 0, ["Nothing to do: all 3 rows"]),
+        ],
+        ids=["a", "long", "b"],
+    ),
+    "malformed JSON lines": Case(
+        lambda d: (d / "in.jsonl").write_text(
+            '{"id": "a", "prompt": "Say hello."}\n{oops\n[1]\n{"id": "a", "prompt": "x"}\n',
+            encoding="utf-8",
+        ),
+        [
+            Step(
+                ["in.jsonl", *OUT],
+                1,
+                [
+                    "in.jsonl:2: skipped: invalid JSON",
+                    "in.jsonl:3: skipped: expected a JSON object",
+                    "in.jsonl:4: skipped: duplicate id 'a'",
+                ],
+            )
+        ],
+        ids=["a", 2, 3, "line 4"],
+    ),
+    "malformed CSV lines": Case(
+        lambda d: (d / "in.csv").write_text(
+            'id,prompt\nx,"Say hello."\ny,too,many\nz,\n', encoding="utf-8"
+        ),
+        [
+            Step(
+                ["in.csv", *OUT],
+                1,
+                [
+                    "in.csv:3: skipped: more cells than columns",
+                    "in.csv:4: skipped: 'prompt' is empty",
+                ],
+            )
+        ],
+        ids=["x", 2, "z"],
+    ),
+    "a CSV without the prompt column": Case(
+        lambda d: (d / "in.csv").write_text("question\nHi\n", encoding="utf-8"),
+        [Step(["in.csv", *OUT], 2, ["no 'prompt' column", "--column"])],
+    ),
+    "a Latin-1 text file, then --encoding": Case(
+        lambda d: (d / "in.txt").write_bytes("Say hello.\nCaf\u00e9?\n".encode("latin-1")),
+        [
+            Step(
+                ["in.txt", *OUT],
+                2,
+                [
+                    "in.txt:2: byte 0xe9 (column 4) is not utf-8 text",
+                    "Re-save the file as UTF-8",
+                    "--encoding cp1252",
+                ],
+            ),
+            Step(["in.txt", *OUT, "--encoding", "latin-1"], 0, ["Done: 2 rows"]),
+        ],
+        ids=[1, 2],
+    ),
+    "an interrupted run, then --resume": Case(
+        lambda d: _prompts_txt(d, 6),
+        [
+            Step(["in.txt", *OUT], 130, ["Interrupted: 2 rows", "--resume"], interrupt_after=2),
+            Step(["in.txt", *OUT], 2, ["already has results", "--resume"]),
+            Step(["in.txt", *OUT, "--resume"], 0, ["Resuming: 2 of 6 rows"]),
+        ],
+        ids=[1, 2, 3, 4, 5, 6],
+    ),
+    "a damaged line in the middle of the output, then --resume": Case(
+        lambda d: _finished_output(d, 6, damaged_line=3),
+        [
+            Step(
+                ["in.txt", *OUT, "--resume"],
+                0,
+                [
+                    "out.jsonl:3: damaged line (not valid JSON)",
+                    "out.jsonl.damaged",
+                    "Resuming: 4 of 6 rows",
+                ],
+            )
+        ],
+        ids=[1, 2, 3, 4, 5, 6],
+    ),
+    "--resume into a file of notes": Case(
+        lambda d: (_prompts_txt(d), (d / "notes.txt").write_text("my notes\n", encoding="utf-8")),
+        [
+            Step(
+                ["in.txt", "-o", "notes.txt", "--resume"],
+                2,
+                ["notes.txt is not a results file", "Choose another -o file"],
+            ),
+            Step(["in.txt", "-o", "notes.txt", "--overwrite"], 2, ["is not a results file"]),
+        ],
+    ),
+}
+
+
+def _snapshot(folder: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def _nothing_finished_lost(before: dict[Path, bytes], folder: Path) -> None:
+    """Every file is as it was, except the output, which kept each finished line it had
+    (a damaged one moved to OUTPUT.damaged)."""
+    for path, data in before.items():
+        if path.name != "out.jsonl":
+            if path.name != "copy.gguf":  # the damaged model copies stay damaged
+                assert path.read_bytes() == data, f"{path.name} changed"
+            continue
+        now = path.read_bytes().splitlines() + (
+            path.with_name("out.jsonl.damaged").read_bytes().splitlines()
+            if path.with_name("out.jsonl.damaged").exists()
+            else []
+        )
+        assert all(line in now for line in data.splitlines()), "a finished row was lost"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASES.values(), ids=list(CASES))
+def test_every_bad_input_gets_a_message_the_right_exit_code_and_loses_nothing(
+    case, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    case.files(tmp_path)
+    real_write = batch.OutputWriter.write
+    for step in case.steps:
+        before = _snapshot(tmp_path)
+        monkeypatch.setattr(batch.OutputWriter, "write", real_write)
+        if step.interrupt_after:
+
+            def write_then_interrupt(self, outcome, limit=step.interrupt_after):
+                record = real_write(self, outcome)
+                if self.written == limit:
+                    raise KeyboardInterrupt  # as Ctrl-C between two rows
+                return record
+
+            monkeypatch.setattr(batch.OutputWriter, "write", write_then_interrupt)
+        code = batch_process.main(step.args)
+        out, err = capsys.readouterr()
+        said = out + err
+        assert code == step.code, said
+        for phrase in step.says:
+            assert phrase in said, f"{phrase!r} not in:\n{said}"
+        assert "Traceback" not in said
+        if code == 2:
+            assert err.startswith("error: ") and not out, said
+        _nothing_finished_lost(before, tmp_path)
+    if case.ids is not None:
+        ids = [r["id"] for r in lines(tmp_path / "out.jsonl")]
+        assert sorted(map(json.dumps, ids)) == sorted(map(json.dumps, case.ids))

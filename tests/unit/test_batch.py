@@ -9,8 +9,15 @@ import threading
 import pytest
 
 from llmlab import batch
-from llmlab.backends.base import Chunk, GenerationParams, Result, Timings, Usage
-from llmlab.engine import EngineError
+from llmlab.backends.base import (
+    Chunk,
+    ContextOverflowError,
+    GenerationParams,
+    Result,
+    Timings,
+    Usage,
+)
+from llmlab.engine import EngineError, QueueFullError
 
 
 def write(path, text):
@@ -108,7 +115,7 @@ def outcome(row_id, text="ok", error=None):
     return batch.Outcome(row, result, error, seconds=0.5)
 
 
-def test_output_lines_and_completed_ids_survive_a_torn_last_line(tmp_path):
+def test_output_lines_and_a_torn_last_line_kept_aside(tmp_path):
     path = tmp_path / "out.jsonl"
     with batch.OutputWriter(path) as out:
         first = out.write(outcome("a"))
@@ -127,21 +134,93 @@ def test_output_lines_and_completed_ids_survive_a_torn_last_line(tmp_path):
         and failed["output"] is None
         and failed["finish_reason"] == "error"
     )
-    # A kill in the middle of a write leaves half a line: it is cut off and that row reruns.
+    # A kill in the middle of a write leaves half a line: it is set aside and that row reruns.
+    torn = '{"id": "c", "prompt": "prompt c", "out'
     with path.open("a") as f:
-        f.write('{"id": "c", "prompt": "prompt c", "out')
-    assert batch.completed_ids(path) == {batch.id_key("a"), batch.id_key(2)}
+        f.write(torn)
+    found = batch.read_finished(path)
+    assert found.ids == {batch.id_key("a"), batch.id_key(2)} and found.failed == 1
+    assert found.damaged == [(3, "cut short: the run was stopped while writing it")]
+    assert found.aside == tmp_path / "out.jsonl.damaged"
+    assert found.aside.read_text() == torn + "\n"
     assert path.read_text().endswith("}\n") and len(path.read_text().splitlines()) == 2
     with batch.OutputWriter(path) as out:
         out.write(outcome("c"))
     assert [json.loads(line)["id"] for line in path.read_text().splitlines()] == ["a", 2, "c"]
 
 
-def test_completed_ids_of_a_missing_file_and_whole_object_without_newline(tmp_path):
-    assert batch.completed_ids(tmp_path / "none.jsonl") == set()
-    path = write(tmp_path / "out.jsonl", '{"id": 1}\n{"id": 2}')
-    assert batch.completed_ids(path) == {batch.id_key(1)}
-    assert path.read_text() == '{"id": 1}\n'
+def test_a_damaged_line_in_the_middle_loses_no_finished_row(tmp_path):
+    path = tmp_path / "out.jsonl"
+    with batch.OutputWriter(path) as out:
+        for n in range(1, 6):
+            out.write(outcome(n))
+    good = path.read_text().splitlines()
+    broken = good[2][:20] + "#" + good[2][21:]  # an edit that broke line 3
+    path.write_text("\n".join([*good[:2], broken, *good[3:]]) + "\n")
+    found = batch.read_finished(path)
+    assert found.ids == {batch.id_key(n) for n in (1, 2, 4, 5)}  # all but the broken one
+    assert found.damaged == [(3, "not valid JSON")]
+    assert (tmp_path / "out.jsonl.damaged").read_text() == broken + "\n"
+    assert path.read_text().splitlines() == [*good[:2], *good[3:]]
+    # A second look finds nothing more to set aside, and the file is left as it is.
+    again = batch.read_finished(path)
+    assert again.ids == found.ids and again.damaged == [] and again.aside is None
+
+
+def test_lines_that_are_no_result_and_second_results_are_set_aside(tmp_path):
+    path = write(
+        tmp_path / "out.jsonl",
+        '{"id": 1, "output": "x"}\n[1, 2]\n{"note": "mine"}\n\n{"id": 1, "output": "y"}\n'
+        '\xff\n{"id": 2, "output": "z"}',
+    )
+    found = batch.read_finished(path)
+    assert {k: r["output"] for k, r in found.records.items()} == {"1": "x", "2": "z"}
+    assert found.damaged == [
+        (2, "not a result record (no 'id')"),
+        (3, "not a result record (no 'id')"),
+        (5, "a second result for id 1 (the first is on line 1)"),
+        (6, "not valid JSON"),
+    ]
+    # The last record had no newline: it is kept, whole, and gets one.
+    assert path.read_text() == '{"id": 1, "output": "x"}\n{"id": 2, "output": "z"}\n'
+    assert len(found.aside.read_text().splitlines()) == 4
+
+
+def test_read_finished_of_a_missing_file(tmp_path):
+    found = batch.read_finished(tmp_path / "none.jsonl")
+    assert found.ids == set() and found.damaged == [] and not (tmp_path / "none.jsonl").exists()
+
+
+def test_looks_like_output_tells_results_from_other_files(tmp_path):
+    results = tmp_path / "out.jsonl"
+    with batch.OutputWriter(results) as out:
+        out.write(outcome("a"))
+    assert batch.looks_like_output(results)
+    assert batch.looks_like_output(write(tmp_path / "torn.jsonl", '{"id": 1, "prompt": "Hi", "ou'))
+    damaged_first = write(tmp_path / "d.jsonl", "{broken\n" + results.read_text())
+    assert batch.looks_like_output(damaged_first)
+    assert not batch.looks_like_output(write(tmp_path / "notes.txt", "my notes\nmore notes\n"))
+    assert not batch.looks_like_output(write(tmp_path / "in.jsonl", '{"id": 1, "prompt": "Hi"}\n'))
+
+
+def test_a_file_in_another_encoding_names_its_line_and_what_to_do(tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_bytes("Caf\u00e9 au lait?\nTwo\n\u20ac price?\n".encode("cp1252"))
+    with pytest.raises(batch.InputError) as info:
+        list(batch.read_inputs(path))
+    message = str(info.value)
+    assert message.startswith(f"{path}:1: byte 0xe9 (column 4) is not utf-8 text.")
+    assert "Re-save the file as UTF-8" in message and "--encoding cp1252" in message
+    rows = list(batch.read_inputs(path, encoding="cp1252"))
+    assert [r.prompt for r in rows] == ["Caf\u00e9 au lait?", "Two", "\u20ac price?"]
+    with pytest.raises(batch.InputError, match="Unknown encoding 'klingon'"):
+        list(batch.read_inputs(path, encoding="klingon"))
+
+
+def test_a_utf8_byte_order_mark_is_not_part_of_the_first_column(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_bytes("prompt\nHello\n".encode("utf-8-sig"))
+    assert [r.prompt for r in batch.read_inputs(path)] == ["Hello"]
 
 
 def test_id_keys_keep_numbers_and_strings_apart():
@@ -240,3 +319,34 @@ def test_stopping_run_with_engine_early_cancels_rows_in_flight():
     outs.close()  # what main() does on Ctrl-C
     # Row 1 finished; rows 2 and 3 were running and are cancelled; 4 and 5 never started.
     assert [h.cancelled for h in engine.handles] == [False, True, True]
+
+
+class RefusesLongPrompts(FakeEngine):
+    """Refuses a prompt too long for its context at submit, as Engine.submit does."""
+
+    def submit(self, request, on_chunk):
+        if request.messages[-1]["content"].startswith("long"):
+            raise ContextOverflowError(prompt_tokens=300, max_tokens=16, context_length=256)
+        return super().submit(request, on_chunk)
+
+
+def test_a_row_too_long_for_the_context_becomes_its_error_and_the_run_goes_on():
+    prompts = ["a", "long one", "b", "long two", "last"]
+    rows = [batch.InputRow(id=i, line=i, prompt=p) for i, p in enumerate(prompts, 1)]
+    outs = list(batch.run_with_engine(RefusesLongPrompts(), rows, GenerationParams()))
+    assert sorted(o.row.id for o in outs) == [1, 2, 3, 4, 5]
+    errors = {o.row.id: o.error for o in outs if o.error}
+    assert set(errors) == {2, 4}
+    assert errors[2].startswith("ContextOverflowError: The request needs 300 prompt + 16 reply")
+    assert "shorter prompt" in errors[2]
+    assert {o.row.id: o.result.text for o in outs if o.result} == {1: "a", 3: "b", 5: "tsal"}
+
+
+def test_an_engine_wide_refusal_at_submit_ends_the_run():
+    class Full(FakeEngine):
+        def submit(self, request, on_chunk):
+            raise QueueFullError("256 requests are already waiting; retry later")
+
+    rows = [batch.InputRow(id=1, line=1, prompt="a")]
+    with pytest.raises(QueueFullError):
+        list(batch.run_with_engine(Full(), rows, GenerationParams()))
