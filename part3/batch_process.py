@@ -35,6 +35,7 @@ input formats:
   .csv    a header row with a "prompt" column (or the one named by --column); an "id" column is used if present
   .txt    one prompt a line (blank lines are skipped)
   Rows without an id get their line number (data-row number for CSV).
+  Files are read as UTF-8; --encoding cp1252 (or another name) reads a file saved otherwise.
 
 output: one JSON line per input row, in the order rows finish:
   {"id", "prompt", "output", "finish_reason", "usage", "seconds"} plus "error" where the row failed.
@@ -99,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--n-ctx",
         "--ctx",
         dest="n_ctx",
+        metavar="N",
         type=int,
         default=None,
         help="context window per sequence (default: LLMLAB_N_CTX)",

@@ -9,9 +9,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from llmlab.backends.base import GenerationParams
 from llmlab.rag import DocumentStore
 from part5.combined_app import ServerSettings
 from part5.combined_app.background import running_server
+from part5.combined_app.routes import batches
 
 # threads=1: these tests check behaviour, not speed, and one llama.cpp thread never stalls
 # waiting for a second one when other work shares the CPU (many threads can be 20x slower then).
@@ -174,3 +176,92 @@ def test_a_batch_cut_off_by_a_server_stop_resumes_on_the_next_run(tmp_path):
     assert status["status"] == "completed" and status["completed"] == 8 and status["failed"] == 0
     assert [row["id"] for row in results] == list(range(8))  # none lost, none run twice
     assert [r for r in results if r["id"] in {b["id"] for b in before}] == before
+
+
+def test_a_prompt_too_long_for_the_context_is_that_rows_error_and_the_job_completes(http):
+    prompts = ["Say hello.", {"id": "long", "prompt": "word " * 2500}, "Name a colour."]
+    job = http.post("/api/batches", json={"prompts": prompts, "max_tokens": 8}).json()
+    status = _wait_done(http, job["id"])
+    assert status["status"] == "completed", status
+    assert (status["completed"], status["failed"], status["error"]) == (3, 1, None)
+    results = {r["id"]: r for r in http.get(f"/api/batches/{job['id']}/results").json()["results"]}
+    assert results[1]["output"] and results[3]["output"]
+    error = results["long"]["error"]
+    assert error.startswith("ContextOverflowError: ") and "shorter prompt" in error
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ('{"prompts": ["Hi \\ud83d"]}', "prompts"),
+        ('{"prompts": [{"messages": [{"role": "user", "content": "Hi \\ud83d"}]}]}', "prompts"),
+        ('{"prompts": ["Hi"], "system": "Be brief \\udc00"}', "system"),
+        ('{"prompts": ["Hi"], "stop": ["\\ud83d"]}', "stop"),
+    ],
+    ids=["prompt", "message", "system", "stop"],
+)
+def test_text_that_is_not_unicode_is_refused_and_leaves_no_job_folder(http, home, body, param):
+    folders = set((home / "server-batches").glob("*"))
+    jobs = len(http.get("/api/batches").json()["data"])
+    r = http.post("/api/batches", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param
+    assert set((home / "server-batches").glob("*")) == folders
+    assert len(http.get("/api/batches").json()["data"]) == jobs
+
+
+def test_a_restarted_job_keeps_every_readable_row_and_sets_a_damaged_line_aside(tmp_path):
+    settings = ServerSettings(threads=1, home=tmp_path, parallel=2)
+    job = batches.BatchJob(
+        "batch_damaged",
+        settings.batches_dir / "batch_damaged",
+        6,
+        GenerationParams(max_tokens=4, temperature=0),
+        status="running",
+    )
+    job.folder.mkdir(parents=True)
+    job.input_path.write_text(
+        "".join(
+            json.dumps({"id": n, "prompt": f"Name a number above {n}."}) + "\n" for n in range(6)
+        ),
+        encoding="utf-8",
+    )
+    job.save()
+    # Rows 0-3 finished in an earlier run (outputs no model would write, so a rerun shows);
+    # line 2 was torn. Rows 4 and 5 never ran.
+    finished = [
+        {
+            "id": n,
+            "prompt": "p",
+            "output": f"kept {n}",
+            "finish_reason": "stop",
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+            "seconds": 0.1,
+        }
+        for n in range(4)
+    ]
+    lines = [json.dumps(r) for r in finished]
+    lines[1] = lines[1][:30]
+    job.output_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    with running_server(settings) as url, httpx.Client(base_url=url, timeout=180) as http:
+        status = _wait_done(http, job.id)
+        results = http.get(f"/api/batches/{job.id}/results").json()["results"]
+    assert status["status"] == "completed"
+    assert (status["completed"], status["total"], status["failed"]) == (6, 6, 0)
+    assert [r["id"] for r in results] == list(range(6))  # each once
+    assert [r["output"] for r in results if r["id"] in (0, 2, 3)] == ["kept 0", "kept 2", "kept 3"]
+    assert (job.folder / "output.jsonl.damaged").read_text(encoding="utf-8") == lines[1] + "\n"
+
+
+def test_a_job_the_server_cannot_store_leaves_no_folder(http, home, monkeypatch):
+    def disk_full(self):
+        raise OSError(28, "No space left on device")
+
+    folders = set((home / "server-batches").glob("*"))
+    monkeypatch.setattr(batches.BatchJob, "save", disk_full)  # the server runs in this process
+    r = http.post("/api/batches", json={"prompts": ["Hi"]})
+    assert r.status_code == 500
+    assert "No space left on device" in r.json()["error"]["message"]
+    assert set((home / "server-batches").glob("*")) == folders

@@ -12,13 +12,16 @@ about it lives under ``$LLMLAB_HOME/server-batches/<id>/``: ``input.jsonl``, ``o
 (each finished row written at once, so results can be fetched while the job runs) and
 ``job.json`` (parameters and status). A job that a stopped server left unfinished is
 ``interrupted``; the next server run lists it again and resumes it from the rows not yet
-written, so no finished row is lost or run twice.
+written, so no finished row is lost or run twice (a damaged output line is logged and moved
+to ``output.jsonl.damaged``, and only its row runs again). A job that cannot be created
+(text that is not valid Unicode, a full disk) leaves no folder behind.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import threading
 import time
 import uuid
@@ -77,6 +80,21 @@ class BatchJob:
         partial.write_text(json.dumps(state, ensure_ascii=False), encoding="utf-8")
         partial.replace(self.state_path)
 
+    def recount(self) -> batch.Finished:
+        """Count progress from the output file, setting aside (and logging) damaged lines."""
+        found = batch.read_finished(self.output_path)
+        for line, why in found.damaged:
+            log.warning(
+                "Batch job %s: line %d of its output was damaged (%s); moved to %s, "
+                "its row runs again",
+                self.id,
+                line,
+                why,
+                found.aside,
+            )
+        self.completed, self.failed = len(found.records), found.failed
+        return found
+
     @classmethod
     def load(cls, folder: Path) -> BatchJob:
         """The job saved in ``folder``; progress is counted from its output file.
@@ -97,9 +115,7 @@ class BatchJob:
         )
         if job.status in ("queued", "running"):
             job.status = "interrupted"
-        for record in _read_records(job.output_path):
-            job.completed += 1
-            job.failed += "error" in record
+        job.recount()
         return job
 
     def to_dict(self) -> dict[str, Any]:
@@ -121,11 +137,13 @@ def _read_records(path: Path) -> list[dict[str, Any]]:
     """The records written to an output file so far (a half-written last line is skipped)."""
     records = []
     if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
+        for line in path.read_bytes().splitlines():
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except ValueError:
                 continue  # a blank line, or the last one while it is being written
+            if isinstance(record, dict):
+                records.append(record)
     return records
 
 
@@ -163,7 +181,7 @@ def run_job(job: BatchJob, engine: Any, retry_after: float) -> None:
     slots = max(1, engine.parallel - 1)
     try:
         while not job.cancel.is_set():
-            done = batch.completed_ids(job.output_path)
+            done = job.recount().ids
             todo = [r for r in rows if batch.id_key(r.id) not in done]
             if not todo:
                 break
@@ -291,16 +309,56 @@ async def submit(body: BatchRequest, request: Request) -> JSONResponse:
         seed=body.seed,
         stop=body.stop or [],
     )
+    # Everything is checked before the job's folder exists, so a refused job leaves nothing.
+    rows = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    for param, text in (("prompts", rows), ("system", body.system), ("stop", params.stop)):
+        _check_unicode(param, text)
     job_id = f"batch_{uuid.uuid4().hex[:16]}"
     job = BatchJob(job_id, settings.batches_dir / job_id, len(records), params, body.system)
-    job.folder.mkdir(parents=True, exist_ok=True)
-    job.input_path.write_text(
-        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8"
-    )
-    job.save()
+    _create(job, rows.encode("utf-8"))
     _jobs(request)[job_id] = job
     start_job(job, engine, settings.retry_after)
     return JSONResponse(job.to_dict(), 202)
+
+
+def _check_unicode(param: str, text: str | list[str] | None) -> None:
+    """Refuse text that cannot be stored as UTF-8: a lone surrogate, half of an emoji."""
+    for item in [text] if isinstance(text, str) else text or []:
+        try:
+            item.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise APIError(
+                400,
+                f"'{param}' holds text that is not valid Unicode: a lone surrogate such as "
+                "\\ud83d (half of an emoji written as a JSON escape). Send each character whole.",
+                param=param,
+            ) from exc
+
+
+def _create(job: BatchJob, rows: bytes) -> None:
+    """Write a new job's folder: its input and ``job.json``, or nothing if that fails."""
+    try:
+        job.folder.mkdir(parents=True)  # a new id: an existing folder is never reused
+    except OSError as exc:
+        raise _not_stored(exc) from exc
+    try:
+        job.input_path.write_bytes(rows)
+        job.save()
+    except BaseException as exc:
+        shutil.rmtree(job.folder, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise _not_stored(exc) from exc
+        raise
+
+
+def _not_stored(exc: OSError) -> APIError:
+    log.error("Could not store a batch job: %s", exc)
+    return APIError(
+        500,
+        f"The server could not store the batch job ({exc.strerror or exc}); nothing was kept. "
+        "Retry later, or ask its operator to free disk space.",
+        code="batch_not_stored",
+    )
 
 
 @router.get("")
