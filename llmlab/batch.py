@@ -302,20 +302,21 @@ def read_finished(path: str | Path) -> Finished:
         if not raw.strip():
             continue
         record, why = _check_record(raw, seen)
+        line = raw if raw.endswith(b"\n") else raw + b"\n"
         if record is None:
             found.damaged.append((number, why))
-            bad.append(raw if raw.endswith(b"\n") else raw + b"\n")
+            bad.append(line)
             continue
         seen[id_key(record["id"])] = number
         found.records[id_key(record["id"])] = record
-        kept.append(raw if raw.endswith(b"\n") else raw + b"\n")
+        kept.append(line)
     if bad:
         found.aside = path.with_name(path.name + DAMAGED_SUFFIX)
         with found.aside.open("ab") as f:  # kept aside first: a kill now loses nothing
             f.write(b"".join(bad))
             f.flush()
             os.fsync(f.fileno())
-    if bad or not data.endswith(b"\n") and kept:
+    if bad or (kept and not data.endswith(b"\n")):
         partial = path.with_name(path.name + ".partial")
         with partial.open("wb") as f:
             f.write(b"".join(kept))

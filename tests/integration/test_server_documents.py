@@ -265,3 +265,13 @@ def test_a_job_the_server_cannot_store_leaves_no_folder(http, home, monkeypatch)
     assert r.status_code == 500
     assert "No space left on device" in r.json()["error"]["message"]
     assert set((home / "server-batches").glob("*")) == folders
+
+
+def test_results_skip_lines_that_are_no_record(http, home):
+    job = http.post("/api/batches", json={"prompts": ["Say hi."], "max_tokens": 4}).json()
+    _wait_done(http, job["id"])
+    with (home / "server-batches" / job["id"] / "output.jsonl").open("ab") as f:
+        f.write(b"\xff\xfe not text\n[1, 2]\n")  # an edit while the server runs
+    r = http.get(f"/api/batches/{job['id']}/results")
+    assert r.status_code == 200, r.text
+    assert [row["id"] for row in r.json()["results"]] == [1]
