@@ -19,6 +19,12 @@ raises :class:`QueueFullError` instead of growing without limit, and ``handle.ca
 frees the sequence's slot at the next step. A request may carry a GBNF ``grammar`` (JSON
 mode in the server): only tokens the grammar allows are sampled.
 
+Failures stay as small as they can: an ``on_chunk`` callback that raises fails its own
+request only, and callbacks never run while the engine holds a lock (one may submit).
+If ``llama_decode`` itself fails, every request ends with an :class:`EngineError`, the
+engine refuses new ones, ``engine.failure`` says why and ``on_failure`` is called (a
+server loads a new engine there); ``close()`` still frees the context and the model.
+
 Prefix cache: a finished sequence's KV cells stay as its slot's cache. A new request goes
 to the free slot whose cached tokens share the longest prefix with its prompt; the cells
 past that prefix are cleared and only the rest of the prompt is prefilled (a chat
@@ -73,6 +79,8 @@ from llmlab.settings import get_settings
 
 # llama.cpp's repeat-penalty window (``penalty_last_n``), so penalties match the backend's.
 PENALTY_LAST_N = 64
+
+log = logging.getLogger("llmlab.engine")
 
 
 class EngineError(BackendError):
@@ -130,6 +138,7 @@ class Handle:
         self._cancel = threading.Event()
         self._result: Result | None = None
         self._error: EngineError | None = None
+        self._callback_error: EngineError | None = None  # on_chunk raised: this request fails
 
     @property
     def done(self) -> bool:
@@ -181,15 +190,40 @@ class Handle:
 
     def _emit(self, chunk: Chunk) -> None:
         self._chunks.put(chunk)
-        if self._on_chunk is not None:
+        if self._callback_error is None:
+            self._call_back(chunk)
+
+    def _call_back(self, chunk: Chunk) -> None:
+        """Hand ``chunk`` to ``on_chunk``; if it raises, this request (only) fails: it is
+        cancelled, so the engine frees its slot at the next step."""
+        if self._on_chunk is None:
+            return
+        try:
             self._on_chunk(chunk)
+        except Exception as exc:
+            if self._callback_error is None:
+                self._callback_error = EngineError(
+                    f"request {self.id} failed: its on_chunk callback raised "
+                    f"{type(exc).__name__}: {exc}"
+                )
+                self._cancel.set()
+
+    def _complete(self, result: Result) -> None:
+        """End with ``result`` (its last chunk carries the finish reason, usage and timings),
+        or with the callback's error if ``on_chunk`` raised."""
+        if self._callback_error is None:
+            self._emit(Chunk("", result.finish_reason, result.usage, result.timings))
+        if self._callback_error is not None:
+            self._finish(None, self._callback_error)
+        else:
+            self._finish(result)
 
     def _finish(self, result: Result | None, error: EngineError | None = None) -> None:
         if self.grammar is not None:
             self.grammar.free()
         self._result, self._error = result, error
-        if error is not None and self._on_chunk is not None:
-            self._on_chunk(Chunk("", "error"))
+        if error is not None:
+            self._call_back(Chunk("", "error"))
         self._chunks.put(_DONE)
         self._done.set()
 
@@ -278,6 +312,11 @@ class _Sequence:
         return self.n_past < len(self.prompt)
 
 
+def _unstarted(reason: str, handle: Handle) -> Result:
+    """The result of a request that ended before it decoded anything."""
+    return Result("", reason, Usage(len(handle.prompt_tokens), 0), Timings())
+
+
 def _shared_prefix(a: list[int], b: list[int]) -> int:
     """How many leading tokens ``a`` and ``b`` have in common."""
     n = 0
@@ -333,6 +372,8 @@ class Engine:
         prefix_cache: keep a finished sequence's KV cells as its slot's prompt cache, so a
             request that starts the same way (system prompt, earlier turns) skips that part
             of the prefill; ``False`` clears them as soon as the sequence finishes.
+        on_failure: called with the :class:`EngineError` once if decoding fails (on the
+            decode thread, before the requests are failed; it must not call ``close()``).
     """
 
     def __init__(
@@ -347,6 +388,7 @@ class Engine:
         gpu_layers: int | None = None,
         flash_attn: bool | None = None,
         prefix_cache: bool = True,
+        on_failure: Callable[[EngineError], None] | None = None,
     ):
         import llama_cpp
 
@@ -371,8 +413,12 @@ class Engine:
         if gpu_layers is None:
             gpu_layers = settings.gpu_layers if llama_cpp.llama_supports_gpu_offload() else 0
 
+        # Held while tokenizing and during each llama_decode, so the two never overlap, and
+        # by close() while it frees the model (nothing tokenizes a freed vocabulary).
         self._model_lock = threading.Lock()
         self._freed = False
+        self.on_failure = on_failure
+        self.failure: EngineError | None = None  # why decoding stopped, if it failed
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._waiting: collections.deque[Handle] = collections.deque()
@@ -488,7 +534,23 @@ class Engine:
         return self._formatter(messages=messages).prompt
 
     def prompt_tokens(self, request: Request) -> list[int]:
-        """The token ids a request starts from (template applied for chats, BOS as the model wants)."""
+        """The token ids a request starts from (template applied for chats, BOS as the model wants).
+
+        Thread-safe (it waits for a decode step in progress); call it from a worker thread
+        in async code, a long prompt takes a while.
+
+        Raises:
+            EngineError: the engine is closed.
+        """
+        with self._model_lock:
+            self._check_open()
+            return self._prompt_tokens(request)
+
+    def _check_open(self) -> None:
+        if self._freed:
+            raise EngineError("the engine is closed; create a new one")
+
+    def _prompt_tokens(self, request: Request) -> list[int]:
         if request.messages is not None:
             # The template writes BOS itself where the model wants one.
             return self.tokenize(self.apply_chat_template(request.messages), special=True)
@@ -500,7 +562,9 @@ class Engine:
     def submit(self, request: Request, on_chunk: Callable[[Chunk], None] | None = None) -> Handle:
         """Queue ``request``; returns at once with a :class:`Handle`.
 
-        ``on_chunk`` is called on the engine thread with every chunk (keep it quick).
+        ``on_chunk`` is called on the engine thread with every chunk (keep it quick); if it
+        raises, this request ends with an :class:`EngineError` and the others go on. It may
+        submit more requests.
 
         Raises:
             QueueFullError: ``max_queue`` requests are already waiting.
@@ -509,10 +573,9 @@ class Engine:
         """
         if (request.messages is None) == (request.prompt is None):
             raise ValueError("a Request needs exactly one of messages or prompt")
-        with self._model_lock:  # close() must not free the vocabulary while we tokenize
-            if self._freed:
-                raise EngineError("the engine is closed; create a new one")
-            tokens = self.prompt_tokens(request)
+        with self._model_lock:
+            self._check_open()
+            tokens = self._prompt_tokens(request)
             if not tokens:
                 raise ValueError("the prompt is empty")
             if len(tokens) + request.params.max_tokens > self.n_ctx:
@@ -522,7 +585,11 @@ class Engine:
                 grammar = Grammar(self._ll, self._vocab, self.n_vocab, request.grammar)
         with self._lock:
             refusal: EngineError | None = None
-            if self._closing:
+            if self.failure is not None:
+                refusal = EngineError(
+                    f"the engine stopped after a failure ({self.failure}); create a new one"
+                )
+            elif self._closing:
                 refusal = EngineError("the engine is closed; create a new one")
             elif len(self._waiting) >= self.max_queue:
                 refusal = QueueFullError(
@@ -570,14 +637,15 @@ class Engine:
         return len(self._waiting)
 
     def close(self) -> None:
-        """Stop the decode thread (running and waiting requests end ``interrupted``) and free memory."""
+        """Stop the decode thread (running and waiting requests end ``interrupted``) and free
+        memory; also after a failure. Calling it again does nothing."""
         with self._lock:
-            if self._closing:
-                return
             self._closing = True
             self._wake.notify()
         self._thread.join()
         with self._model_lock:
+            if self._freed:
+                return
             self._freed = True
             ll = self._ll
             ll.llama_batch_free(self._batch)
@@ -610,21 +678,16 @@ class Engine:
                         self._wake.wait()
                     if self._closing:
                         break
-                    self._drop_cancelled_waiting()
+                    dropped = self._take_cancelled_waiting()
+                for handle in dropped:  # outside the lock: a callback may submit
+                    handle._complete(_unstarted("interrupted", handle))
+                with self._lock:
                     self._admit()
                 self._reap_cancelled()
                 if self.active:
                     self._step()
         except Exception as exc:  # a broken context fails every request rather than hanging them
-            error = EngineError(f"the decode loop stopped: {type(exc).__name__}: {exc}")
-            for seq in self._slots:
-                if seq is not None:
-                    seq.handle._finish(None, error)
-            with self._lock:
-                self._closing = True
-                for handle in self._waiting:
-                    handle._finish(None, error)
-                self._waiting.clear()
+            self._fail(EngineError(f"the decode loop stopped: {type(exc).__name__}: {exc}"))
             return
         for i, seq in enumerate(self._slots):
             if seq is not None:
@@ -632,17 +695,32 @@ class Engine:
         with self._lock:
             waiting, self._waiting = list(self._waiting), collections.deque()
         for handle in waiting:
-            handle._emit(Chunk("", "interrupted", Usage(len(handle.prompt_tokens), 0), Timings()))
-            handle._finish(
-                Result("", "interrupted", Usage(len(handle.prompt_tokens), 0), Timings())
-            )
+            handle._complete(_unstarted("interrupted", handle))
 
-    def _drop_cancelled_waiting(self) -> None:
-        for handle in [h for h in self._waiting if h.cancelled]:
+    def _fail(self, error: EngineError) -> None:
+        """Refuse new requests, tell ``on_failure``, then fail every running and waiting one."""
+        log.error("The engine failed: %s", error)
+        with self._lock:
+            self.failure = error
+            self._closing = True
+            handles = [seq.handle for seq in self._slots if seq is not None]
+            handles += self._waiting
+            self._waiting.clear()
+            self._slots = [None] * self.parallel
+        if self.on_failure is not None:
+            try:
+                self.on_failure(error)
+            except Exception:
+                log.exception("on_failure raised")
+        for handle in handles:
+            handle._finish(None, error)
+
+    def _take_cancelled_waiting(self) -> list[Handle]:
+        """Remove cancelled requests from the queue (under the lock); the caller ends them."""
+        dropped = [h for h in self._waiting if h.cancelled]
+        for handle in dropped:
             self._waiting.remove(handle)
-            usage = Usage(len(handle.prompt_tokens), 0)
-            handle._emit(Chunk("", "interrupted", usage, Timings()))
-            handle._finish(Result("", "interrupted", usage, Timings()))
+        return dropped
 
     def _admit(self) -> None:
         """Give waiting requests the free slots, each the slot whose cached tokens share
@@ -678,7 +756,8 @@ class Engine:
             batch.n_seq_id[i] = 1
             batch.seq_id[i][0] = seq_id
             batch.logits[i] = logits
-        status = self._ll.llama_decode(self._ctx, batch)
+        with self._model_lock:
+            status = self._ll.llama_decode(self._ctx, batch)
         if status != 0:
             raise RuntimeError(f"llama_decode returned {status}")
         self.steps += 1
@@ -767,5 +846,4 @@ class Engine:
             self._ll.llama_memory_seq_rm(self._memory, seq.seq_id, -1, -1)
         with self._lock:
             self._slots[slot] = None
-        seq.handle._emit(Chunk("", reason, usage, timings))
-        seq.handle._finish(Result(seq.text, reason, usage, timings))
+        seq.handle._complete(Result(seq.text, reason, usage, timings))
