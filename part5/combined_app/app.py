@@ -8,7 +8,8 @@ Built by a factory, so tests and notebooks can make as many as they like::
 
 The chat model loads in the lifespan hook, in a worker thread: the server accepts
 connections at once, ``GET /health`` says ``loading`` until the model is ready, and model
-routes answer 503 with ``Retry-After`` until then.
+routes answer 503 with ``Retry-After`` until then. The same holds while a new engine loads
+after a failed one (``recovering``); if none can be loaded, ``on_fatal`` gets the reason.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from fastapi import FastAPI
@@ -35,8 +36,15 @@ STATIC = Path(__file__).resolve().parent / "static"
 log = logging.getLogger("llmlab.server")
 
 
-def create_app(settings: ServerSettings | None = None) -> FastAPI:
-    """A new app with its own model service, metrics and batch jobs (nothing loads until startup)."""
+def create_app(
+    settings: ServerSettings | None = None, on_fatal: Callable[[str], object] | None = None
+) -> FastAPI:
+    """A new app with its own model service, metrics and batch jobs (nothing loads until startup).
+
+    ``on_fatal(reason)`` is called if the engine fails and no new one can be loaded (the
+    server script stops the process there); without it the app goes on answering 500s and
+    ``/health`` shows the reason.
+    """
     settings = settings or ServerSettings()
 
     @contextlib.asynccontextmanager
@@ -67,6 +75,9 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     app.state.service = service
     app.state.metrics = Metrics(queue_depth=service.queue_depth, busy_slots=service.busy_slots)
     service.on_rejected = app.state.metrics.rejected.inc
+    service.on_engine_failure = app.state.metrics.engine_failures.inc
+    if on_fatal is not None:
+        service.on_fatal = on_fatal
     app.state.batch_jobs = {}
 
     install_handlers(app)

@@ -25,7 +25,8 @@ LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120
 
 
 class Metrics:
-    """Request, token, queue and latency figures; gauges read live values through callbacks."""
+    """Request, token, queue, latency and engine-failure figures; gauges read live values
+    through callbacks."""
 
     def __init__(self, queue_depth: Callable[[], float], busy_slots: Callable[[], float]):
         self.registry = CollectorRegistry()
@@ -48,6 +49,11 @@ class Metrics:
         self.cancelled = Counter(
             "llmlab_cancelled_requests",
             "Generations stopped because the client went away",
+            registry=r,
+        )
+        self.engine_failures = Counter(
+            "llmlab_engine_failures",
+            "Times the decode engine failed (each time a new engine is loaded)",
             registry=r,
         )
         self.latency = Histogram(

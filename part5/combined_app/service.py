@@ -4,18 +4,27 @@ The lifespan hook calls :meth:`ModelService.load` in a worker thread, so ``/heal
 ``loading`` until the chat model is ready. Routes then submit generations, which the
 engine decodes together (continuous batching), and read them as async iterators::
 
-    generation = service.submit(messages=[{"role": "user", "content": "Hi"}], params=params)
+    generation = await service.submit(messages=[{"role": "user", "content": "Hi"}], params=params)
     async for chunk in generation:        # llmlab Chunk objects; the last has usage
         ...
     generation.cancel()                   # frees the engine slot (client went away)
+
+Prompts are tokenized in worker threads (under the engine's model lock), never on the
+event loop. If the engine fails (``llama_decode`` returned an error), ``/health`` says
+``recovering`` (503) with the reason while a new engine loads; after
+``RELOAD_ATTEMPTS`` failed loads the service is ``error`` and ``on_fatal`` is called
+with the reason (``scripts/server.py`` then stops with exit code 1).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
+
+from starlette.concurrency import run_in_threadpool
 
 from llmlab import registry
 from llmlab.backends.base import (
@@ -32,6 +41,12 @@ from llmlab.engine import Engine, EngineError, Handle, QueueFullError, Request
 from llmlab.settings import get_settings
 from part5.combined_app.config import ServerSettings
 from part5.combined_app.errors import APIError
+
+log = logging.getLogger("llmlab.server")
+
+# After an engine failure: how many times a new engine is loaded, and the pause between tries.
+RELOAD_ATTEMPTS = 3
+RELOAD_PAUSE_SECONDS = 1.0
 
 
 class Generation:
@@ -93,8 +108,14 @@ class ModelService:
         self.spec: registry.ModelSpec | None = None
         self.engine: Engine | None = None
         self._embedders: dict[str, Any] = {}
+        # Loads and uses of embedding models, one at a time: a Hugging Face fast tokenizer
+        # shared between threads fails ("Already borrowed") or loses its truncation setting.
         self._embed_lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._recovery: threading.Thread | None = None
         self.on_rejected: Callable[[], Any] = lambda: None  # the app counts 503s here
+        self.on_engine_failure: Callable[[], Any] = lambda: None  # ... and engine failures
+        self.on_fatal: Callable[[str], Any] = lambda reason: None  # no engine could be reloaded
 
     # --- lifecycle ------------------------------------------------------------------
 
@@ -107,34 +128,99 @@ class ModelService:
                     f"{self.spec.ref} is not a chat model (capabilities: "
                     f"{', '.join(self.spec.capabilities)}). Serve a chat model with --model."
                 )
-            self.engine = Engine(
-                self.spec,
-                parallel=self.settings.parallel,
-                n_ctx=self.settings.n_ctx,
-                threads=self.settings.threads,
-                max_queue=self.settings.queue_size,
-            )
+            self.engine = self._new_engine()
             self.status = "ok"
         except Exception as exc:  # reported by /health and every model route
             self.error = str(exc)
             self.status = "error"
             raise
 
+    def _new_engine(self) -> Engine:
+        return Engine(
+            self.spec,
+            parallel=self.settings.parallel,
+            n_ctx=self.settings.n_ctx,
+            threads=self.settings.threads,
+            max_queue=self.settings.queue_size,
+            on_failure=self._engine_failed,
+        )
+
+    def _engine_failed(self, error: EngineError) -> None:
+        """The engine's decode failed (called on its thread): report it, reload in another."""
+        self.status, self.error = "recovering", str(error)
+        self.on_engine_failure()
+        if self._stopping.is_set():
+            return
+        log.error("The model failed (%s); loading a new engine.", error)
+        self._recovery = threading.Thread(
+            target=self._recover, args=(self.engine,), name="llmlab-recover", daemon=True
+        )
+        self._recovery.start()
+
+    def _recover(self, failed: Engine) -> None:
+        """Free the failed engine and load a new one, up to ``RELOAD_ATTEMPTS`` times."""
+        reason = self.error
+        failed.close()
+        problem = ""
+        for attempt in range(1, RELOAD_ATTEMPTS + 1):
+            if attempt > 1 and self._stopping.wait(RELOAD_PAUSE_SECONDS):
+                return
+            if self._stopping.is_set():
+                return
+            try:
+                self.engine = self._new_engine()
+            except Exception as exc:
+                problem = str(exc)
+                log.error(
+                    "Loading a new engine failed (attempt %d of %d): %s",
+                    attempt,
+                    RELOAD_ATTEMPTS,
+                    exc,
+                )
+                continue
+            self.status, self.error = "ok", None
+            log.info(
+                "A new engine serves %s again (%s slots).", self.model_id, self.engine.parallel
+            )
+            return
+        self.status = "error"
+        self.error = (
+            f"The model failed ({reason}) and no new engine could be loaded in "
+            f"{RELOAD_ATTEMPTS} attempts: {problem}. Restart the server."
+        )
+        log.critical("%s", self.error)
+        self.on_fatal(self.error)
+
     def close(self) -> None:
         """Stop the engine: what runs or waits ends ``interrupted``, and memory is freed."""
+        self._stopping.set()
         if self.engine is not None:
-            self.engine.close()
+            self.engine.close()  # joins its decode thread: a reload it started is known now
+        if self._recovery is not None:
+            self._recovery.join()
+        if self.engine is not None:
+            self.engine.close()  # the engine a reload made (closing twice does nothing)
 
     def require_ready(self) -> Engine:
-        """The engine, or a 503 that says the model is still loading (or failed to)."""
+        """The engine, or a 503 that says the model is still loading or being reloaded
+        (a 500 if it could not be loaded)."""
         if self.status == "ok" and self.engine is not None:
             return self.engine
+        retry = {"Retry-After": str(self.settings.retry_after)}
         if self.status == "loading":
             raise APIError(
                 503,
                 "The model is still loading; try again in a few seconds (GET /health says ok when ready).",
                 code="model_loading",
-                headers={"Retry-After": str(self.settings.retry_after)},
+                headers=retry,
+            )
+        if self.status == "recovering":
+            raise APIError(
+                503,
+                f"The model failed ({self.error}) and is being reloaded; try again in a few "
+                "seconds (GET /health says ok when ready).",
+                code="model_recovering",
+                headers=retry,
             )
         raise APIError(
             500, f"The model could not be loaded: {self.error}", code="model_load_failed"
@@ -166,8 +252,23 @@ class ModelService:
     def prompt_ids(
         self, messages: list[Message] | None = None, prompt: str | None = None
     ) -> list[int]:
-        """Token ids the model will read for ``messages`` (chat template) or a raw ``prompt``."""
-        return self.require_ready().prompt_tokens(Request(messages=messages, prompt=prompt))
+        """Token ids the model will read for ``messages`` (chat template) or a raw ``prompt``.
+
+        Blocking (it waits for a decode step): routes call it with ``run_in_threadpool``.
+        """
+        try:
+            return self.require_ready().prompt_tokens(Request(messages=messages, prompt=prompt))
+        except EngineError as exc:  # closed under us: a reload has begun
+            raise self.unavailable(exc) from exc
+
+    def unavailable(self, exc: EngineError) -> APIError:
+        """The error to answer when the engine refused a request: 503 while a new engine
+        loads (500 if none could be), else the engine's own error."""
+        try:
+            self.require_ready()
+        except APIError as not_ready:
+            return not_ready
+        return _as_api_error(exc)
 
     def check_limits(self, prompt_tokens: int, max_tokens: int, param: str) -> None:
         """400 when ``max_tokens`` or the prompt is over the server's limits."""
@@ -194,7 +295,7 @@ class ModelService:
 
     # --- generation -----------------------------------------------------------------
 
-    def submit(
+    async def submit(
         self,
         *,
         params: GenerationParams,
@@ -203,13 +304,13 @@ class ModelService:
         grammar: str | None = None,
     ) -> Generation:
         """Queue one generation on the shared engine (``grammar``: GBNF the reply must follow);
-        503 with Retry-After when the queue is full."""
+        503 with Retry-After when the queue is full. The prompt is tokenized in a worker thread."""
         engine = self.require_ready()
         generation = Generation()
+        request = Request(messages=messages, prompt=prompt, params=params, grammar=grammar)
         try:
-            generation.handle = engine.submit(
-                Request(messages=messages, prompt=prompt, params=params, grammar=grammar),
-                on_chunk=generation._put,
+            generation.handle = await run_in_threadpool(
+                engine.submit, request, on_chunk=generation._put
             )
         except ContextOverflowError as exc:
             raise _as_api_error(exc) from exc
@@ -225,6 +326,8 @@ class ModelService:
                 code="queue_full",
                 headers={"Retry-After": str(self.settings.retry_after)},
             ) from exc
+        except EngineError as exc:  # the engine failed or closed since require_ready
+            raise self.unavailable(exc) from exc
         return generation
 
     def queue_depth(self) -> int:
@@ -264,6 +367,14 @@ class ModelService:
                 self._embedders[spec.ref] = embedder
         return self._embedders[spec.ref]
 
+    def embed(self, embedder: Any, texts: list[str]) -> tuple[list[list[float]], int]:
+        """Unit vectors for ``texts`` and how many tokens they are (blocking: routes call it
+        with ``run_in_threadpool``); one embedding at a time, see ``_embed_lock``."""
+        with self._embed_lock:
+            vectors = embedder.embed_documents(texts)
+            tokens = sum(len(ids) for ids in embedder.model.tokenizer(texts)["input_ids"])
+        return vectors, tokens
+
     @property
     def embedding_model_id(self) -> str:
         """The default embedding model's catalog name."""
@@ -293,8 +404,12 @@ class EngineBackend(Backend):
                 code="queue_full",
                 headers={"Retry-After": str(self.service.settings.retry_after)},
             ) from exc
+        except EngineError as exc:  # the engine failed or closed since require_ready
+            raise self.service.unavailable(exc) from exc
         try:
             yield from handle.stream()
+        except EngineError as exc:
+            raise _as_api_error(exc) from exc
         finally:
             handle.cancel()
 

@@ -184,7 +184,7 @@ async def _json_reply(
     text, last = await _collect(generation, timed)
     fixed, how = jsonmode.repair(text)
     if how == "wrapped":  # no object at all: one greedy retry before wrapping the text
-        retry = service.submit(
+        retry = await service.submit(
             messages=messages, params=replace(params, temperature=0.0), grammar=jsonmode.GRAMMAR
         )
         text2, last2 = await _collect(retry, timed)
@@ -296,10 +296,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     if json_mode:
         messages = jsonmode.with_instruction(messages)
     params = _params(body, service)
-    prompt_tokens = len(service.prompt_ids(messages=messages))
+    prompt_tokens = len(await run_in_threadpool(service.prompt_ids, messages=messages))
     service.check_limits(prompt_tokens, params.max_tokens, "messages")
     grammar = jsonmode.GRAMMAR if json_mode else None
-    generation = service.submit(messages=messages, params=params, grammar=grammar)
+    generation = await service.submit(messages=messages, params=params, grammar=grammar)
     timed = _Timed(metrics)
     reply_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
@@ -391,11 +391,12 @@ async def completions(body: CompletionRequest, request: Request):
         raise APIError(400, "Streaming takes one prompt at a time.", param="prompt")
     params = _params(body, service)
     for prompt in prompts:
-        service.check_limits(len(service.prompt_ids(prompt=prompt)), params.max_tokens, "prompt")
+        ids = await run_in_threadpool(service.prompt_ids, prompt=prompt)
+        service.check_limits(len(ids), params.max_tokens, "prompt")
     generations: list[Generation] = []
     try:
         for prompt in prompts:
-            generations.append(service.submit(prompt=prompt, params=params))
+            generations.append(await service.submit(prompt=prompt, params=params))
     except APIError:
         for generation in generations:
             generation.cancel()
@@ -485,9 +486,7 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> dict[str, Any]
             f"cannot make {body.dimensions}.",
             param="dimensions",
         )
-    vectors = await run_in_threadpool(embedder.embed_documents, texts)
-    tokenizer = embedder.model.tokenizer
-    prompt_tokens = sum(len(ids) for ids in tokenizer(texts)["input_ids"])
+    vectors, prompt_tokens = await run_in_threadpool(service.embed, embedder, texts)
     data = []
     for index, vector in enumerate(vectors):
         if body.encoding_format == "base64":

@@ -12,7 +12,9 @@ router = APIRouter(tags=["system"])
 
 @router.get("/health")
 async def health(request: Request) -> JSONResponse:
-    """``loading`` (503) while the model loads, ``ok`` (200) when it can answer, ``error`` (500)."""
+    """``ok`` (200) when the model can answer; ``loading`` (503) while it loads, ``recovering``
+    (503, with the failure in ``error``) while a new engine replaces a failed one, ``error``
+    (500, with the reason) if it could not be loaded."""
     service = request.app.state.service
     body: dict[str, Any] = {"status": service.status, "model": service.model_id}
     if service.engine is not None:
@@ -23,12 +25,14 @@ async def health(request: Request) -> JSONResponse:
         )
     if service.error:
         body["error"] = service.error
-    status = {"ok": 200, "loading": 503}.get(service.status, 500)
-    return JSONResponse(body, status)
+    status = {"ok": 200, "loading": 503, "recovering": 503}.get(service.status, 500)
+    headers = {"Retry-After": str(service.settings.retry_after)} if status == 503 else None
+    return JSONResponse(body, status, headers=headers)
 
 
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
-    """Requests, tokens, queue depth, busy slots and latency histograms, for Prometheus."""
+    """Requests, tokens, queue depth, busy slots, engine failures and latency histograms, for
+    Prometheus."""
     payload, content_type = request.app.state.metrics.render()
     return Response(payload, media_type=content_type)

@@ -131,18 +131,31 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Web page: http://{shown}:{settings.port}/   API: http://{shown}:{settings.port}/v1")
     if settings.api_key:
         print("An API key is required: send 'Authorization: Bearer <key>'.")
+    fatal: list[str] = []
+
+    def stop(reason: str) -> None:  # the engine failed and no new one loaded: stop, exit 1
+        fatal.append(reason)
+        server.should_exit = True
+
+    config = uvicorn.Config(
+        create_app(settings, on_fatal=stop),
+        host=settings.host,
+        port=settings.port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=5,
+    )
+    server = uvicorn.Server(config)
     try:
-        uvicorn.run(
-            create_app(settings),
-            host=settings.host,
-            port=settings.port,
-            log_level=args.log_level,
-            timeout_graceful_shutdown=5,
-        )
+        server.run()
+    except KeyboardInterrupt:
+        pass  # Ctrl-C: uvicorn has shut down already (as uvicorn.run does)
     except BackendError as exc:
         print(exc, file=sys.stderr)
         return 1
-    return 0
+    if fatal:
+        print(f"The server stopped: {fatal[0]}", file=sys.stderr)
+        return 1
+    return 0 if server.started else 3  # 3: uvicorn's code when startup fails (it logged why)
 
 
 if __name__ == "__main__":
