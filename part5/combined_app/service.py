@@ -94,7 +94,12 @@ def _as_api_error(exc: BaseException) -> BaseException:
     if isinstance(exc, ContextOverflowError):
         return APIError(400, str(exc), param="messages", code="context_length_exceeded")
     if isinstance(exc, (EngineError, BackendError)):
-        return APIError(500, f"The model failed: {exc}", code="engine_error")
+        return APIError(
+            500,
+            f"The model failed: {exc}. Retry in a few seconds (GET /health says ok when the "
+            "server is ready again).",
+            code="engine_error",
+        )
     return exc
 
 

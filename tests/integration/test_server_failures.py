@@ -83,6 +83,7 @@ def test_after_a_decode_failure_health_says_so_then_a_new_engine_serves(settings
             assert failed.status_code == 500
             assert failed.json()["error"]["code"] == "engine_error"
             assert "llama_decode returned -1" in failed.json()["error"]["message"]
+            assert "Retry in a few seconds" in failed.json()["error"]["message"]
             health = client.get("/health")
             assert health.status_code == 503 and health.headers["retry-after"]
             assert health.json()["status"] == "recovering"
