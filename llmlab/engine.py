@@ -448,6 +448,9 @@ class Engine:
     # --- model and context ---------------------------------------------------------
 
     def _load(self, gpu_layers: int) -> None:
+        from llmlab.backends import refuse_a_build_known_to_crash
+
+        refuse_a_build_known_to_crash()  # a clear error, not SIGILL, for a build that crashes here
         ll = self._ll
         ll.llama_backend_init()
         mparams = ll.llama_model_default_params()

@@ -341,3 +341,15 @@ def test_build_features_are_read_from_llamas_system_info(monkeypatch):
     assert (
         llama_build.missing_on_cpu(info, flags=AVX2_CPU) == ["AMX_INT8"] or not llama_build.is_x86()
     )
+
+
+def test_the_engine_refuses_a_build_known_to_crash_too(lab_home, monkeypatch):
+    from llmlab import backends
+    from llmlab.engine import Engine
+
+    monkeypatch.setattr(llama_build, "installed_build_id", lambda: "build-a")
+    llama_build.save_verdict("build-a", llama_build.probe("m", code=SIGILL_CHILD))
+    with pytest.raises(
+        backends.BackendError, match=r"killed by SIGILL.*llmlab\.llama_build repair"
+    ):
+        Engine()
