@@ -30,6 +30,7 @@ from part5.combined_app.errors import install_handlers
 from part5.combined_app.metrics import Metrics
 from part5.combined_app.middleware import LabMiddleware
 from part5.combined_app.routes import batches, documents, openai_api, system
+from part5.combined_app.schemas import install_openapi
 from part5.combined_app.service import ModelService
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -81,6 +82,7 @@ def create_app(
     app.state.batch_jobs = {}
 
     install_handlers(app)
+    install_openapi(app, settings)
     for router in (system.router, openai_api.router, documents.router, batches.router):
         app.include_router(router)
 

@@ -4,15 +4,20 @@ repair, safe upload names, and the server script's command line. Fast: nothing l
 from __future__ import annotations
 
 import json
+import re
 import socket
 
 import pytest
+from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 
+from llmlab.rag import RagError
+from llmlab.rag.store import check_name
 from part5.combined_app import ServerSettings, create_app
 from part5.combined_app.errors import APIError
 from part5.combined_app.jsonmode import repair
 from part5.combined_app.routes.documents import safe_file_name
+from part5.combined_app.schemas import COLLECTION_PATTERN, TextRoute
 from part5.combined_app.scripts.server import main
 
 CHAT = {"messages": [{"role": "user", "content": "Hi"}]}
@@ -70,6 +75,108 @@ def test_cors_lets_the_named_origin_in_and_no_other():
         "access-control-allow-origin"
         not in loading_client().get("/health", headers={"Origin": "http://localhost:3000"}).headers
     )
+
+
+# The raw bytes hold the escape \ud83d with no low half: JSON that no UTF-8 text can carry.
+LONE_SURROGATE = {
+    "/v1/chat/completions": b'{"messages": [{"role": "user", "content": "Hi \\ud83d"}]}',
+    "/v1/completions": b'{"prompt": "Hi \\ud83d"}',
+    "/v1/embeddings": b'{"input": ["fine", "Hi \\ud83d"]}',
+    "/api/batches": b'{"prompts": ["Hi \\ud83d"]}',
+    "/api/collections/notes/ask": b'{"question": "Hi \\ud83d"}',
+}
+LONE_SURROGATE_PARAM = {
+    "/v1/chat/completions": "messages.0.content",
+    "/v1/completions": "prompt",
+    "/v1/embeddings": "input.1",
+    "/api/batches": "prompts.0",
+    "/api/collections/notes/ask": "question",
+}
+
+
+def openai_error(r, status: int) -> dict:
+    """The error of an OpenAI-shaped error response with this status."""
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"] == "application/json"
+    body = r.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    return body["error"]
+
+
+@pytest.mark.parametrize("route", list(LONE_SURROGATE))
+def test_a_lone_surrogate_is_a_400_naming_the_field_before_any_route_runs(route, lab_home):
+    r = loading_client(home=lab_home).post(
+        route, content=LONE_SURROGATE[route], headers={"content-type": "application/json"}
+    )
+    error = openai_error(r, 400)
+    assert error["param"] == LONE_SURROGATE_PARAM[route] and error["code"] == "invalid_unicode"
+    assert "\\ud83d" in error["message"] and "surrogate" in error["message"]
+    assert not (lab_home / "server-batches").exists() or not any(
+        (lab_home / "server-batches").iterdir()
+    )
+
+
+def test_every_route_reads_its_body_through_the_text_check():
+    from part5.combined_app.routes import batches, documents, openai_api, system
+
+    routers = (batches.router, documents.router, openai_api.router, system.router)
+    assert all(isinstance(r, TextRoute) for router in routers for r in router.routes)
+
+
+def test_a_wrong_method_is_a_405_that_says_which_methods_the_path_answers():
+    client = loading_client()
+    error = openai_error(r := client.put("/api/batches/batch_x"), 405)
+    assert r.headers["allow"] == "DELETE, GET"
+    assert "DELETE, GET" in error["message"] and error["code"] == "method_not_allowed"
+    assert client.post("/v1/models").headers["allow"] == "GET"
+
+
+def test_the_schema_declares_400_not_422_and_the_errors_in_openai_shape():
+    client = loading_client(api_key="k", max_tokens_limit=64)
+    spec = client.get("/openapi.json", headers={"Authorization": "Bearer k"}).json()
+    assert "HTTPValidationError" not in spec["components"]["schemas"]
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            answers = operation["responses"]
+            assert "422" not in answers, (method, path)
+            for status, answer in answers.items():
+                if status.startswith(("4", "5")) and path != "/health":
+                    schema = answer["content"]["application/json"]["schema"]
+                    assert schema == {"$ref": "#/components/schemas/ErrorResponse"}
+            if path != "/health":
+                assert "401" in answers, (method, path)
+    chat = spec["paths"]["/v1/chat/completions"]["post"]["responses"]
+    assert {"200", "400", "404", "413", "503"} <= set(chat)
+    assert "text/event-stream" in chat["200"]["content"]
+    metrics = spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+    assert list(metrics) == ["text/plain"]
+    max_tokens = spec["components"]["schemas"]["ChatCompletionRequest"]["properties"]["max_tokens"]
+    assert {"type": "integer", "minimum": 1, "maximum": 64} in max_tokens["anyOf"]
+
+
+@pytest.mark.parametrize(
+    ("name", "valid"),
+    [
+        ("notes", True),
+        ("a.b-c_d", True),
+        ("x" * 512, True),
+        ("ab", False),
+        ("x" * 513, False),
+        ("a..b", False),
+        ("-ab", False),
+        ("ab.", False),
+        ("a b", False),
+        ("über", False),
+    ],
+)
+def test_the_declared_collection_pattern_is_the_store_rule(name, valid):
+    declared = len(name) in range(3, 513) and re.search(COLLECTION_PATTERN, name) is not None
+    try:
+        check_name(name)
+        accepted = True
+    except RagError:
+        accepted = False
+    assert declared == accepted == valid
 
 
 @pytest.mark.parametrize(

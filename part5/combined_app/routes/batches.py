@@ -35,10 +35,10 @@ from fastapi.responses import JSONResponse
 from llmlab import batch
 from llmlab.backends.base import GenerationParams
 from llmlab.engine import QueueFullError
-from part5.combined_app.errors import APIError
-from part5.combined_app.schemas import BatchRequest
+from part5.combined_app.errors import APIError, responses
+from part5.combined_app.schemas import BatchRequest, TextRoute
 
-router = APIRouter(prefix="/api/batches", tags=["batch"])
+router = APIRouter(prefix="/api/batches", tags=["batch"], route_class=TextRoute)
 log = logging.getLogger("llmlab.server")
 
 
@@ -278,7 +278,7 @@ def _records(body: BatchRequest) -> list[dict[str, Any]]:
     return records
 
 
-@router.post("", status_code=202)
+@router.post("", status_code=202, responses=responses(400, 500, 503))
 async def submit(body: BatchRequest, request: Request) -> JSONResponse:
     """Start a job; answers 202 at once with the job's id and status."""
     service = request.app.state.service
@@ -368,13 +368,13 @@ async def list_jobs(request: Request) -> dict[str, Any]:
     return {"object": "list", "data": [j.to_dict() for j in jobs]}
 
 
-@router.get("/{job_id}")
+@router.get("/{job_id}", responses=responses(404))
 async def status(job_id: str, request: Request) -> dict[str, Any]:
     """Progress of one job."""
     return _job(request, job_id).to_dict()
 
 
-@router.get("/{job_id}/results")
+@router.get("/{job_id}/results", responses=responses(404))
 async def results(job_id: str, request: Request) -> dict[str, Any]:
     """The records of the finished prompts so far, in input order."""
     job = _job(request, job_id)
@@ -387,7 +387,7 @@ async def results(job_id: str, request: Request) -> dict[str, Any]:
     return {"id": job.id, "status": job.status, "results": records}
 
 
-@router.delete("/{job_id}")
+@router.delete("/{job_id}", responses=responses(404))
 async def cancel(job_id: str, request: Request) -> dict[str, Any]:
     """Cancel a running job; the rows finished so far stay in its results."""
     job = _job(request, job_id)

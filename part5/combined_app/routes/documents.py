@@ -34,10 +34,10 @@ from llmlab.rag import (
     remove_collection,
 )
 from llmlab.rag.store import check_name
-from part5.combined_app.errors import APIError
-from part5.combined_app.schemas import AskRequest
+from part5.combined_app.errors import APIError, responses
+from part5.combined_app.schemas import AskRequest, CollectionName, TextRoute
 
-router = APIRouter(prefix="/api/collections", tags=["documents"])
+router = APIRouter(prefix="/api/collections", tags=["documents"], route_class=TextRoute)
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._ ()-]")
 # One writer at a time per server: Chroma's local store is not made for concurrent ingests.
@@ -126,8 +126,10 @@ async def collections(request: Request) -> dict[str, Any]:
     return {"collections": [vars(info) for info in infos]}
 
 
-@router.post("/{collection}/files")
-async def upload(collection: str, request: Request, files: Annotated[list[UploadFile], File()]):
+@router.post("/{collection}/files", responses=responses(400))
+async def upload(
+    collection: CollectionName, request: Request, files: Annotated[list[UploadFile], File()]
+):
     """Save the files into the collection's upload folder and index them (new or changed only)."""
     collection = _collection(collection)
     folder = _folder(request, collection)
@@ -178,8 +180,8 @@ async def upload(collection: str, request: Request, files: Annotated[list[Upload
     return await run_in_threadpool(save_and_ingest)
 
 
-@router.get("/{collection}/files")
-async def list_files(collection: str, request: Request) -> dict[str, Any]:
+@router.get("/{collection}/files", responses=responses(400, 404))
+async def list_files(collection: CollectionName, request: Request) -> dict[str, Any]:
     """The files indexed in a collection (uploaded here or ingested with document_qa.py)."""
     collection = _collection(collection)
     folder = _folder(request, collection)
@@ -193,8 +195,10 @@ async def list_files(collection: str, request: Request) -> dict[str, Any]:
     return await run_in_threadpool(read)
 
 
-@router.delete("/{collection}/files/{file_name}")
-async def delete_file(collection: str, file_name: str, request: Request) -> dict[str, Any]:
+@router.delete("/{collection}/files/{file_name}", responses=responses(400, 404))
+async def delete_file(
+    collection: CollectionName, file_name: str, request: Request
+) -> dict[str, Any]:
     """Remove one file's chunks from the collection, and the file itself if it was uploaded."""
     collection = _collection(collection)
     folder = _folder(request, collection)
@@ -226,8 +230,8 @@ async def delete_file(collection: str, file_name: str, request: Request) -> dict
     return await run_in_threadpool(remove)
 
 
-@router.delete("/{collection}")
-async def delete_collection(collection: str, request: Request) -> dict[str, Any]:
+@router.delete("/{collection}", responses=responses(400, 404))
+async def delete_collection(collection: CollectionName, request: Request) -> dict[str, Any]:
     """Drop a whole collection and its uploaded files."""
     collection = _collection(collection)
     folder = _folder(request, collection)
@@ -247,25 +251,25 @@ async def delete_collection(collection: str, request: Request) -> dict[str, Any]
     return await run_in_threadpool(remove)
 
 
-@router.post("/{collection}/ask")
-async def ask(collection: str, body: AskRequest, request: Request) -> dict[str, Any]:
+@router.post("/{collection}/ask", responses=responses(400, 404, 500, 503))
+async def ask(collection: CollectionName, body: AskRequest, request: Request) -> dict[str, Any]:
     """Answer from the collection's documents, with the sources used ([1] is sources[0])."""
     collection = _collection(collection)
     service = request.app.state.service
     service.require_ready()
     settings = request.app.state.settings
-    if body.max_tokens > settings.max_tokens_limit:
+    max_tokens = body.max_tokens or settings.default_max_tokens
+    if max_tokens > settings.max_tokens_limit:
         raise APIError(
             400,
-            f"max_tokens is {body.max_tokens}, over this server's limit of "
-            f"{settings.max_tokens_limit}.",
+            f"max_tokens is {max_tokens}, over this server's limit of {settings.max_tokens_limit}.",
             param="max_tokens",
         )
 
     def answer() -> dict[str, Any]:
         store = _open_store(request, collection)
         qa = QuestionAnswerer(
-            store, model=service.chat_backend(), top_k=body.top_k, max_tokens=body.max_tokens
+            store, model=service.chat_backend(), top_k=body.top_k, max_tokens=max_tokens
         )
         try:
             result = qa.ask(body.question)

@@ -27,19 +27,23 @@ from sse_starlette import EventSourceResponse
 from llmlab import registry
 from llmlab.backends.base import Chunk, GenerationParams, Message, Usage
 from part5.combined_app import jsonmode
-from part5.combined_app.errors import APIError, error_body
+from part5.combined_app.errors import APIError, error_body, responses
 from part5.combined_app.metrics import Metrics
 from part5.combined_app.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingRequest,
     SamplingFields,
+    TextRoute,
 )
 from part5.combined_app.service import Generation, ModelService
 
-router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
+router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"], route_class=TextRoute)
 
-MAX_EMBEDDING_INPUTS = 2048
+# A reply is JSON, or server-sent events when the request asks for ``stream``.
+_REPLY = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+_GENERATION_ERRORS = responses(400, 404, 500, 503)
+
 # nginx's "client closed request": logged for a reply nobody is left to read.
 CLIENT_CLOSED = 499
 
@@ -128,7 +132,7 @@ async def list_models(request: Request) -> dict[str, Any]:
     return {"object": "list", "data": _model_entries(_service(request))}
 
 
-@router.get("/models/{model_id:path}")
+@router.get("/models/{model_id:path}", responses=responses(404))
 async def get_model(model_id: str, request: Request) -> dict[str, Any]:
     """One served model by id (or ``name:tag``)."""
     for entry in _model_entries(_service(request)):
@@ -277,7 +281,7 @@ async def _sse_events(
         generation.cancel()
 
 
-@router.post("/chat/completions")
+@router.post("/chat/completions", responses={**_REPLY, **_GENERATION_ERRORS})
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     """A chat reply, whole or streamed as server-sent events in OpenAI's chunk format."""
     service, metrics = _service(request), _metrics(request)
@@ -285,13 +289,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     _refuse_unsupported(body)
     if body.tools:
         raise APIError(400, "Tool calls are not supported by this server.", param="tools")
-    try:
-        messages: list[Message] = [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-            for m in body.messages
-        ]
-    except ValueError as exc:
-        raise APIError(400, f"Unsupported message content: {exc}.", param="messages") from exc
+    messages: list[Message] = [
+        {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+        for m in body.messages
+    ]
     json_mode = body.response_format is not None and body.response_format.type == "json_object"
     if json_mode:
         messages = jsonmode.with_instruction(messages)
@@ -374,7 +375,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     return _stream_response(events)
 
 
-@router.post("/completions")
+@router.post("/completions", responses={**_REPLY, **_GENERATION_ERRORS})
 async def completions(body: CompletionRequest, request: Request):
     """Raw text continuation (no chat template), whole or streamed."""
     service, metrics = _service(request), _metrics(request)
@@ -385,8 +386,6 @@ async def completions(body: CompletionRequest, request: Request):
     if body.suffix:
         raise APIError(400, "suffix (fill-in-the-middle) is not supported.", param="suffix")
     prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
-    if not prompts:
-        raise APIError(400, "prompt is empty: send a string or a list of strings.", param="prompt")
     if body.stream and len(prompts) > 1:
         raise APIError(400, "Streaming takes one prompt at a time.", param="prompt")
     params = _params(body, service)
@@ -457,27 +456,11 @@ async def completions(body: CompletionRequest, request: Request):
 # --- embeddings ----------------------------------------------------------------------------------
 
 
-@router.post("/embeddings")
+@router.post("/embeddings", responses=responses(400, 404))
 async def embeddings(body: EmbeddingRequest, request: Request) -> dict[str, Any]:
     """Vectors for one text or a list of texts (unit length; float or base64)."""
     service = _service(request)
     texts = [body.input] if isinstance(body.input, str) else body.input
-    if not texts or not all(isinstance(t, str) for t in texts):
-        raise APIError(
-            400,
-            "input must be a non-empty string or list of strings (token ids are not supported).",
-            param="input",
-        )
-    if any(not t.strip() for t in texts):
-        raise APIError(
-            400, "input contains an empty string; every text needs some characters.", param="input"
-        )
-    if len(texts) > MAX_EMBEDDING_INPUTS:
-        raise APIError(
-            400,
-            f"input has {len(texts)} texts; send at most {MAX_EMBEDDING_INPUTS} per request.",
-            param="input",
-        )
     embedder = await run_in_threadpool(service.embedder, body.model)
     if body.dimensions is not None and body.dimensions != embedder.dimensions:
         raise APIError(

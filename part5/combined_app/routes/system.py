@@ -5,12 +5,33 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import BaseModel
 
-router = APIRouter(tags=["system"])
+from part5.combined_app.schemas import TextRoute
+
+router = APIRouter(tags=["system"], route_class=TextRoute)
 
 
-@router.get("/health")
+class Health(BaseModel):
+    """What ``/health`` answers, whatever its status."""
+
+    status: str
+    model: str
+    parallel: int | None = None
+    busy_slots: int | None = None
+    queue_depth: int | None = None
+    error: str | None = None
+
+
+_HEALTH = {
+    200: {"model": Health, "description": "The model is loaded and answers."},
+    500: {"model": Health, "description": "The model failed to load (see error)."},
+    503: {"model": Health, "description": "The model is still loading."},
+}
+
+
+@router.get("/health", responses=_HEALTH)
 async def health(request: Request) -> JSONResponse:
     """``ok`` (200) when the model can answer; ``loading`` (503) while it loads, ``recovering``
     (503, with the failure in ``error``) while a new engine replaces a failed one, ``error``
@@ -30,7 +51,7 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse(body, status, headers=headers)
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse)
 async def metrics(request: Request) -> Response:
     """Requests, tokens, queue depth, busy slots, engine failures and latency histograms, for
     Prometheus."""
