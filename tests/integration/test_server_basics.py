@@ -8,7 +8,6 @@ import re
 import socket
 
 import pytest
-from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 
 from llmlab.rag import RagError
