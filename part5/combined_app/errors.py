@@ -176,6 +176,12 @@ def install_handlers(app: FastAPI) -> None:
         message, param = _describe_validation(exc)
         return error_response(400, message, param, "invalid_value")
 
+    @app.exception_handler(Exception)
+    async def _failed(request: Request, exc: Exception) -> JSONResponse:
+        # A bug, not the client's doing: still OpenAI's shape (the traceback goes to the log).
+        message = f"The server failed on this request ({type(exc).__name__}: {exc})."
+        return error_response(500, message, code="server_error")
+
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 404:

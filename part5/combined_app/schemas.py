@@ -45,9 +45,17 @@ def lone_surrogate(value: Any, where: tuple = ()) -> tuple[tuple, str] | None:
     return None
 
 
+def _number(text: str) -> float | int:
+    # JSON Schema reads 1.0 as the integer 1; so do the (strict) models.
+    value = float(text)
+    return int(value) if value.is_integer() else value
+
+
 class _TextRequest(Request):
     async def json(self) -> Any:
-        data = await super().json()
+        if not hasattr(self, "_json"):
+            self._json = json.loads(await self.body(), parse_float=_number)
+        data = self._json
         found = lone_surrogate(data)
         if found:
             where, char = found
@@ -84,15 +92,24 @@ def _has_text(value: str) -> str:
     return value
 
 
+# What str.strip() removes, spelled out: regex engines disagree on what "\\s" covers.
+SPACES = "".join(c for c in map(chr, range(0x3001)) if c.isspace())
+
 # A string with something in it besides spaces (the pattern says the same for the schema).
 Text = Annotated[
-    str, AfterValidator(_has_text), WithJsonSchema({"type": "string", "pattern": r"\S"})
+    str, AfterValidator(_has_text), WithJsonSchema({"type": "string", "pattern": f"[^{SPACES}]"})
 ]
 NonEmpty = Annotated[str, Field(min_length=1)]
 
 # llmlab.rag.store.check_name's rule, as the route checks it (with its message): 3-512
 # letters, digits, '.', '_' or '-', a letter or digit at each end, no '..'.
 COLLECTION_PATTERN = r"^[A-Za-z0-9](?:\.?[A-Za-z0-9_-])*\.?[A-Za-z0-9]$"
+# documents.safe_file_name's refusals, for the schema: no '/', '\\' or NUL, and something
+# besides spaces and dots.
+FileName = Annotated[
+    str,
+    Path(json_schema_extra={"pattern": f"^[^/\\\\\x00]*[^/\\\\\x00.{SPACES}][^/\\\\\x00]*$"}),
+]
 CollectionName = Annotated[
     str,
     Path(
@@ -104,7 +121,8 @@ CollectionName = Annotated[
 
 
 class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # strict: a JSON value of another type is refused (0 is not false), as the schema says.
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class TextPart(_Lenient):
@@ -137,22 +155,60 @@ class ResponseFormat(_Lenient):
     type: Literal["text", "json_object"] = "text"
 
 
+# Below these the sampler's numbers overflow (logits / 1e-300 is inf, then NaN): the fuzz
+# test found that such a request stopped the engine. 0 stays greedy decoding.
+MIN_TEMPERATURE = 0.001
+MIN_REPEAT_PENALTY = 0.01
+
+
+def _temperature(value: float) -> float:
+    if 0 < value < MIN_TEMPERATURE:
+        raise PydanticCustomError(
+            "temperature_too_small",
+            f"use 0 for greedy decoding, or at least {MIN_TEMPERATURE} for sampling",
+        )
+    return value
+
+
+Temperature = Annotated[
+    float,
+    Field(ge=0, le=2),
+    AfterValidator(_temperature),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "number", "enum": [0]},
+                {"type": "number", "minimum": MIN_TEMPERATURE, "maximum": 2},
+            ]
+        }
+    ),
+]
+
+
+def refused(*allowed: Any) -> WithJsonSchema:
+    """The schema of a field OpenAI defines that the lab cannot honour: only ``allowed`` values.
+
+    The route refuses the others with a 400 that says why (so the check is not here).
+    """
+    return WithJsonSchema({"enum": list(allowed)})
+
+
 class SamplingFields(_Lenient):
     """Sampling settings both completion routes share."""
 
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
+    temperature: Temperature | None = None
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0)
     stop: str | Annotated[list[str], Field(max_length=4)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1)
-    logprobs: bool | int | None = None
-    repeat_penalty: float | None = Field(None, gt=0)
+    n: Annotated[int, refused(1)] = 1
+    logprobs: Annotated[bool | int | None, refused(False, 0, None)] = None
+    repeat_penalty: float | None = Field(None, ge=MIN_REPEAT_PENALTY)
 
     @field_validator("stop")
     @classmethod
@@ -166,13 +222,21 @@ class SamplingFields(_Lenient):
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     response_format: ResponseFormat | None = None
-    tools: list[dict[str, Any]] | None = None
+    tools: Annotated[list[dict[str, Any]] | None, refused([], None)] = None
 
 
 class CompletionRequest(SamplingFields):
+    # A stream takes one prompt: the route refuses a list of several with stream on.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "if": {"properties": {"stream": {"const": True}}, "required": ["stream"]},
+            "then": {"properties": {"prompt": {"anyOf": [{"type": "string"}, {"maxItems": 1}]}}},
+        }
+    )
+
     prompt: NonEmpty | Annotated[list[NonEmpty], Field(min_length=1)]
-    echo: bool = False
-    suffix: str | None = None
+    echo: Annotated[bool, refused(False)] = False
+    suffix: Annotated[str | None, refused("", None)] = None
 
 
 MAX_EMBEDDING_INPUTS = 2048
@@ -198,6 +262,15 @@ class AskRequest(_Lenient):
 class BatchItem(_Lenient):
     """One prompt of a batch job: a ``prompt`` or a list of ``messages``, and an optional id."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "anyOf": [
+                {"required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
+                {"required": ["messages"], "properties": {"messages": {"type": "array"}}},
+            ]
+        }
+    )
+
     id: str | int | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
@@ -209,9 +282,9 @@ class BatchRequest(_Lenient):
     prompts: list[str | BatchItem] = Field(min_length=1)
     system: str | None = None
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
+    temperature: Temperature | None = None
     top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0)
     stop: list[str] | None = None
 
 

@@ -41,7 +41,15 @@ from part5.combined_app.service import Generation, ModelService
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"], route_class=TextRoute)
 
 # A reply is JSON, or server-sent events when the request asks for ``stream``.
-_REPLY = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+_REPLY = {
+    200: {
+        "content": {
+            "text/event-stream": {
+                "schema": {"description": "Events: OpenAI's JSON chunks, then [DONE]."}
+            }
+        }
+    }
+}
 _GENERATION_ERRORS = responses(400, 404, 500, 503)
 
 # nginx's "client closed request": logged for a reply nobody is left to read.
@@ -79,6 +87,16 @@ def _refuse_unsupported(body: SamplingFields) -> None:
 
 
 def _params(body: SamplingFields, service: ModelService) -> GenerationParams:
+    limit = service.settings.max_tokens_limit
+    for name in ("max_tokens", "max_completion_tokens"):
+        asked = getattr(body, name)
+        if asked is not None and asked > limit:
+            raise APIError(
+                400,
+                f"{name} is {asked}, over this server's limit of {limit}. Ask for fewer.",
+                param=name,
+                code="max_tokens_too_large",
+            )
     max_tokens = (
         body.max_completion_tokens or body.max_tokens or service.settings.default_max_tokens
     )
