@@ -242,6 +242,24 @@ def test_invalid_requests_are_400_with_the_parameter_named(client, base_url):
     assert bad_json.json()["error"]["type"] == "invalid_request_error"
 
 
+@pytest.mark.parametrize(
+    ("route", "body"),
+    [
+        ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "Hi \\ud83d"}]}'),
+        ("/v1/completions", b'{"prompt": "Hi \\ud83d", "max_tokens": 2}'),
+        ("/v1/embeddings", b'{"input": "Hi \\ud83d"}'),
+        ("/api/batches", b'{"prompts": ["Hi \\ud83d"], "max_tokens": 2}'),
+    ],
+)
+def test_a_lone_surrogate_is_a_400_in_openai_shape_with_the_model_loaded(base_url, route, body):
+    # The escape \ud83d with no low half: the tokenizers cannot encode it (was a plain-text 500).
+    r = httpx.post(base_url + route, content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert error["code"] == "invalid_unicode" and "surrogate" in error["message"]
+    assert set(error) == {"message", "type", "param", "code"}
+
+
 def test_unknown_route_is_a_404_in_openai_error_shape(base_url):
     r = httpx.get(f"{base_url}/v1/nothing-here")
     assert r.status_code == 404
