@@ -17,13 +17,18 @@ HEADER = """\
 # scripts/pin_requirements.py from a working environment; environment.yml lists the same.
 # torch: the CPU build is used where no GPU exists; on Linux with CUDA pip picks the CUDA build.
 """
-SKIP = {"llmlab"}  # the project itself, installed editable
+# the project itself (installed editable), and the installers pip freeze leaves out too
+SKIP = {"llmlab", "pip", "setuptools", "wheel"}
 
 
 def frozen() -> list[str]:
-    """``name==version`` lines of the installed packages, local version labels removed."""
+    """``name==version`` lines of the installed packages, local version labels removed.
+
+    ``pip list --format=freeze`` rather than ``pip freeze``: llama-cpp-python is installed
+    from the lab's own wheel for this CPU (llmlab/llama_build.py), which ``pip freeze``
+    would write as a ``file://`` URL instead of its version."""
     out = subprocess.run(
-        [sys.executable, "-m", "pip", "freeze", "--exclude-editable"],
+        [sys.executable, "-m", "pip", "list", "--format=freeze", "--exclude-editable"],
         check=True,
         capture_output=True,
         text=True,
