@@ -60,13 +60,58 @@ class ChatError(ValueError):
     """A chat request or transcript that cannot be used; the message says what to do."""
 
 
+class Range(NamedTuple):
+    """The values a sampling setting may take: from ``low`` (or above it) up to ``high``."""
+
+    low: float
+    high: float | None = None
+    low_open: bool = False  # True: the value must be above ``low``, not equal to it
+    note: str = ""
+
+    def __contains__(self, value: object) -> bool:
+        if not isinstance(value, int | float) or value != value:  # NaN is in no range
+            return False
+        above = value > self.low if self.low_open else value >= self.low
+        return above and (self.high is None or value <= self.high)
+
+    def describe(self) -> str:
+        """The range in words, e.g. ``at least 0 and at most 2 (0 is greedy)``."""
+        text = f"above {self.low:g}" if self.low_open else f"at least {self.low:g}"
+        if self.high is not None:
+            text += f" and at most {self.high:g}"
+        return f"{text} ({self.note})" if self.note else text
+
+
+# What the server accepts (part5/combined_app/schemas.py, SamplingFields); a test keeps the
+# two the same, so a setting the command line takes is one the server takes too.
+PARAM_RANGES = {
+    "max_tokens": Range(1, note="the longest reply, in tokens"),
+    "temperature": Range(0, 2, note="0 is greedy"),
+    "top_p": Range(0, 1, low_open=True, note="1 keeps every token"),
+    "top_k": Range(0, note="0 keeps every token"),
+    "repeat_penalty": Range(0, low_open=True, note="1 is no penalty"),
+}
+
+
+def check_param(name: str, value: Any) -> Any:
+    """Return ``value`` if it is in the valid range of sampling setting ``name``.
+
+    Raises:
+        ChatError: the value is outside :data:`PARAM_RANGES` (the message gives the range).
+    """
+    allowed = PARAM_RANGES.get(name)
+    if allowed is not None and value not in allowed:
+        raise ChatError(f"{name} must be {allowed.describe()}, not {value!r}.")
+    return value
+
+
 def parse_param(name: str, value: str) -> Any:
     """Convert ``value`` (text typed by a user) to the type of GenerationParams field ``name``.
 
     ``seed=none`` clears the seed; ``stop`` takes comma-separated strings.
 
     Raises:
-        ChatError: unknown name or a value of the wrong type.
+        ChatError: unknown name, a value of the wrong type or out of range.
     """
     known = {f.name: f for f in fields(GenerationParams)}
     if name not in known:
@@ -77,11 +122,25 @@ def parse_param(name: str, value: str) -> Any:
         return None
     kind = int if name in ("max_tokens", "top_k", "seed") else float
     try:
-        return kind(value)
+        number = kind(value)
     except ValueError:
         raise ChatError(
             f"{name} must be {'an integer' if kind is int else 'a number'}, not {value!r}."
         ) from None
+    return check_param(name, number)
+
+
+def make_params(**values: Any) -> GenerationParams:
+    """GenerationParams from keyword arguments, each checked against :data:`PARAM_RANGES`.
+
+    Raises:
+        TypeError: a name that is not a sampling setting.
+        ChatError: a value out of range.
+    """
+    params = GenerationParams.from_kwargs(**values)
+    for name in PARAM_RANGES:
+        check_param(name, getattr(params, name))
+    return params
 
 
 class ChatSession:
@@ -102,7 +161,7 @@ class ChatSession:
         self.backend = backend
         self.model = model or _model_name(backend)
         if isinstance(params, dict):
-            params = GenerationParams.from_kwargs(**params)
+            params = make_params(**params)
         self.params = params or GenerationParams()
         self.system = system or None
         self.messages: list[dict[str, Any]] = []
@@ -125,7 +184,7 @@ class ChatSession:
     def set_params(self, **changes: Any) -> GenerationParams:
         """Change sampling parameters, e.g. ``set_params(temperature=0.2)``; returns them."""
         merged = {**asdict(self.params), **changes}
-        self.params = GenerationParams.from_kwargs(**merged)
+        self.params = make_params(**merged)
         return self.params
 
     def use_backend(self, backend: Backend, model: str | None = None) -> None:
@@ -376,8 +435,8 @@ class ChatSession:
         """
         path = Path(path).expanduser()
         try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ChatError(
                 f"{path} is not valid JSON ({exc}); it is not a chat transcript."
             ) from exc
@@ -393,9 +452,12 @@ class ChatSession:
         self.messages = [m for m in messages if m["role"] != "system"]
         for m in self.messages:
             m.setdefault("tokens", self.count_tokens(m["content"]))
+        saved = data.get("parameters", {})
+        if not isinstance(saved, dict):
+            raise ChatError(f"{path} has bad parameters: {saved!r} is not an object.")
         try:
-            self.params = GenerationParams.from_kwargs(**data.get("parameters", {}))
-        except TypeError as exc:
+            self.params = make_params(**saved)
+        except (TypeError, ChatError) as exc:
             raise ChatError(f"{path} has bad parameters: {exc}") from exc
         self.created = data.get("created", self.created)
         self.last_dropped, self.last_result = [], None

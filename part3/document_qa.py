@@ -42,7 +42,7 @@ from llmlab.rag import (
     make_splitter,
     remove_collection,
 )
-from llmlab.rag.store import FileOutcome, Hit, default_db_dir, display_path
+from llmlab.rag.store import FileOutcome, Hit, IngestInterrupted, default_db_dir, display_path
 
 EPILOG = """examples:
   python part3/document_qa.py ingest part3/data/docs
@@ -55,7 +55,7 @@ EPILOG = """examples:
   python part3/document_qa.py remove --collection notes
 
 exit codes: 0 done, 1 some files unreadable / empty collection / model error,
-            2 bad arguments, missing path, unknown collection or model
+            2 bad arguments, missing path, unknown collection or model, 130 Ctrl-C
 """
 
 
@@ -172,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     except BackendError as exc:
         errors.print(f"error: {escape(str(exc))}")
         return 1
+    except KeyboardInterrupt:
+        errors.print("Interrupted (Ctrl-C).")
+        return 130
 
 
 def cmd_ingest(args: argparse.Namespace, console: Console) -> int:
@@ -202,9 +205,18 @@ def cmd_ingest(args: argparse.Namespace, console: Console) -> int:
                     f"{outcome.status:9} {display_path(outcome.path)} ({outcome.chunks} chunks)"
                 )
 
-        report = store.ingest(
-            args.paths, args.chunk_size, args.chunk_overlap, prune=args.prune, progress=report_file
-        )
+        try:
+            report = store.ingest(
+                args.paths,
+                args.chunk_size,
+                args.chunk_overlap,
+                prune=args.prune,
+                progress=report_file,
+            )
+        except IngestInterrupted as stop:
+            report, interrupted = stop.report, True
+        else:
+            interrupted = False
     for failed in report.failed:
         console.print(
             f"[yellow]skipped (unreadable):[/] {escape(failed.error or str(failed.path))}"
@@ -212,6 +224,13 @@ def cmd_ingest(args: argparse.Namespace, console: Console) -> int:
     console.print(
         f"Collection [bold]{escape(store.name)}[/] in {escape(display_path(store.db_dir))}: {report.summary()}"
     )
+    if interrupted:
+        console.print(
+            f"Interrupted after {len(report.files)} of {len(files)} files: those done are kept, "
+            "each one whole. Run the same command again to ingest the rest (files already "
+            "stored are skipped)."
+        )
+        return 130
     if report.failed:
         console.print(f"{len(report.failed)} file(s) could not be read; the others were ingested.")
         return 1

@@ -81,19 +81,29 @@ def build_parser() -> argparse.ArgumentParser:
     # unless one is given; new chats get GenerationParams' defaults.
     defaults = GenerationParams()
     parser.add_argument(
-        "--temperature", type=float, help=f"0 is greedy (default: {defaults.temperature})"
+        "--temperature",
+        type=_param("temperature"),
+        help=f"0 to 2, 0 is greedy (default: {defaults.temperature})",
     )
-    parser.add_argument("--top-p", type=float, help=f"nucleus sampling (default: {defaults.top_p})")
     parser.add_argument(
-        "--max-tokens", type=int, help=f"reply length limit (default: {defaults.max_tokens})"
+        "--top-p",
+        type=_param("top_p"),
+        help=f"nucleus sampling, above 0 up to 1 (default: {defaults.top_p})",
+    )
+    parser.add_argument(
+        "--max-tokens",
+        type=_param("max_tokens"),
+        help=f"reply length limit, at least 1 (default: {defaults.max_tokens})",
     )
     parser.add_argument(
         "--ctx",
-        type=int,
+        type=_positive,
         help=f"context window in tokens (default: {settings.n_ctx}; a server's own for openai)",
     )
     parser.add_argument(
-        "--threads", type=int, help=f"CPU threads for local engines (default: {settings.threads})"
+        "--threads",
+        type=_positive,
+        help=f"CPU threads for local engines (default: {settings.threads})",
     )
     parser.add_argument(
         "--seed", type=int, default=None, help="sampling seed, for repeatable replies"
@@ -120,6 +130,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --prompt: print one JSON object (reply, usage, timings)",
     )
     return parser
+
+
+def _param(name: str):
+    """An argparse type for sampling setting ``name``: parsed and range-checked as
+    ``/params`` and the server do (:data:`llmlab.chat.PARAM_RANGES`)."""
+
+    def parse(text: str) -> Any:
+        try:
+            return parse_param(name, text)
+        except ChatError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parse.__name__ = name  # argparse names the type in some messages
+    return parse
+
+
+def _positive(text: str) -> int:
+    """An argparse type for a count that must be 1 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, not {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 class Ui:

@@ -21,7 +21,8 @@ import numpy as np
 
 from llmlab.backends.base import BackendError, GenerationParams, Message
 from llmlab.backends.local import LocalBackend, Step, wrap_load_error
-from llmlab.registry import ModelSpec
+from llmlab.hardware import human_bytes
+from llmlab.registry import ModelSpec, spec_ram_estimate
 from llmlab.settings import Settings
 
 
@@ -105,6 +106,8 @@ class LlamaCppBackend(LocalBackend):
                 verbose=False,
             )
         except (ValueError, RuntimeError, OSError) as exc:
+            if "llama_context" in str(exc):  # the weights loaded; the context did not fit
+                raise self._context_error() from exc
             raise wrap_load_error(self.spec, "llama.cpp", exc) from exc
         if "tokenizer.chat_template" in self._llm.metadata:
             # llama-cpp-python may map a known template to a built-in format (e.g. chatml,
@@ -112,6 +115,23 @@ class LlamaCppBackend(LocalBackend):
             self._llm.chat_format = "chat_template.default"
         self._formatters = {}
         self._eog = {t for t in (self._llm.token_eos(), self._llm._model.token_eot()) if t >= 0}
+
+    def _context_error(self) -> BackendError:
+        """The file is fine, but llama.cpp could not allocate a context of ``n_ctx`` tokens."""
+        ref, trained = self.spec.ref, self.spec.context_length
+        need = spec_ram_estimate(self.spec, self.n_ctx)
+        size = f" (about {human_bytes(need)} of memory)" if need else ""
+        if trained and self.n_ctx > trained:
+            fix = (
+                f"{ref} was trained on a context of {trained:,} tokens: pass at most that, "
+                f"e.g. --ctx {trained} (or set LLMLAB_N_CTX={trained})"
+            )
+        else:
+            fix = "Free some memory, or pass a smaller context with --ctx N (or LLMLAB_N_CTX)"
+        return BackendError(
+            f"llama.cpp could not allocate a context of {self.n_ctx:,} tokens for {ref}{size}; "
+            f"the model file itself is fine. {fix}."
+        )
 
     def _unload(self) -> None:
         self._llm.close()

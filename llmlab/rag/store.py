@@ -17,8 +17,11 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import signal
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,16 +48,38 @@ def default_db_dir() -> Path:
 
 
 def open_client(db_dir: str | Path | None = None) -> Any:
-    """A Chroma ``PersistentClient`` on ``db_dir`` (created if missing), telemetry off."""
+    """A Chroma ``PersistentClient`` on ``db_dir`` (created if missing), telemetry off.
+
+    Raises:
+        RagError: ``db_dir`` is a file, a folder that cannot be created, or a damaged store.
+    """
     os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
     import chromadb
     from chromadb.config import Settings as ChromaSettings
+    from chromadb.errors import ChromaError
 
     path = Path(db_dir) if db_dir else default_db_dir()
-    path.mkdir(parents=True, exist_ok=True)
-    return chromadb.PersistentClient(
-        path=str(path), settings=ChromaSettings(anonymized_telemetry=False, allow_reset=False)
-    )
+    if path.exists() and not path.is_dir():
+        raise RagError(
+            f"The store {path} is a file, not a folder. Name a folder for the store (--db): "
+            "an existing store, or a new folder, which is created."
+        )
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RagError(
+            f"Cannot create the store folder {path}: {exc.strerror or exc}. "
+            "Name a folder you can write to (--db)."
+        ) from exc
+    try:
+        return chromadb.PersistentClient(
+            path=str(path), settings=ChromaSettings(anonymized_telemetry=False, allow_reset=False)
+        )
+    except ChromaError as exc:
+        raise RagError(
+            f"The store in {path} cannot be opened ({exc}): it is damaged or not a Chroma store. "
+            "Move the folder aside and ingest again, or name another folder (--db)."
+        ) from exc
 
 
 def display_path(source: str | Path) -> str:
@@ -206,6 +231,33 @@ def _require(client: Any, name: str) -> None:
         )
 
 
+class IngestInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :meth:`DocumentStore.ingest`. Every file in ``report`` is stored
+    completely; the file being read when it came keeps its earlier chunks, if it had any."""
+
+    def __init__(self, report: IngestReport):
+        super().__init__("ingestion interrupted")
+        self.report = report
+
+
+@contextmanager
+def _interrupt_after() -> Iterator[None]:
+    """Hold Ctrl-C back while the block runs, then deliver it: the store is never left
+    half-way through replacing a file's chunks. Only the main thread gets signals, so
+    elsewhere (the server's worker threads) this changes nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        signal.raise_signal(signal.SIGINT)  # to the handler that was there: KeyboardInterrupt
+
+
 def _chunk_id(chunk: TextChunk) -> str:
     key = f"{chunk.source}\n{chunk.index}\n{chunk.content_hash}"
     return hashlib.sha256(key.encode()).hexdigest()[:32]
@@ -295,6 +347,7 @@ class DocumentStore:
         Raises:
             NoFilesError: a path is missing or empty (nothing is changed then).
             ValueError: bad chunk size or overlap.
+            IngestInterrupted: Ctrl-C; the files done so far are kept, each one whole.
         """
         started = time.perf_counter()
         paths = list(paths)
@@ -304,26 +357,40 @@ class DocumentStore:
         split_units([], chunk_size, chunk_overlap)  # validates the sizes before any work
         stored = self.sources()
         report = IngestReport()
-        for path in files:
-            outcome = self._ingest_file(
-                path, stored.get(str(path)), chunking, chunk_size, chunk_overlap, report
-            )
-            report.files.append(outcome)
-            if progress:
-                progress(outcome)
-        if prune:
-            present = {str(p) for p in files}
-            for source, entry in stored.items():
-                inside = any(Path(source).is_relative_to(root) for root in roots)
-                if inside and source not in present and not Path(source).exists():
-                    self.collection.delete(ids=entry["ids"])
-                    report.chunks_removed += len(entry["ids"])
-                    outcome = FileOutcome(Path(source), "removed", len(entry["ids"]))
-                    report.files.append(outcome)
-                    if progress:
-                        progress(outcome)
+        try:
+            for path in files:
+                outcome = self._ingest_file(
+                    path, stored.get(str(path)), chunking, chunk_size, chunk_overlap, report
+                )
+                report.files.append(outcome)
+                if progress:
+                    progress(outcome)
+            if prune:
+                self._prune(stored, {str(p) for p in files}, roots, report, progress)
+        except KeyboardInterrupt as exc:
+            report.seconds = time.perf_counter() - started
+            raise IngestInterrupted(report) from exc
         report.seconds = time.perf_counter() - started
         return report
+
+    def _prune(
+        self,
+        stored: dict[str, dict[str, Any]],
+        present: set[str],
+        roots: list[Path],
+        report: IngestReport,
+        progress: Callable[[FileOutcome], None] | None,
+    ) -> None:
+        """Drop the chunks of files under ``roots`` that were deleted from disk."""
+        for source, entry in stored.items():
+            inside = any(Path(source).is_relative_to(root) for root in roots)
+            if inside and source not in present and not Path(source).exists():
+                self.collection.delete(ids=entry["ids"])
+                report.chunks_removed += len(entry["ids"])
+                outcome = FileOutcome(Path(source), "removed", len(entry["ids"]))
+                report.files.append(outcome)
+                if progress:
+                    progress(outcome)
 
     def _ingest_file(
         self,
@@ -342,20 +409,22 @@ class DocumentStore:
             chunks = split_units(load_file(path), chunk_size, chunk_overlap)
         except (UnreadableFileError, OSError) as exc:
             return FileOutcome(path, "failed", error=str(exc))
-        # Embed first: if that fails, the file's old chunks are still in place.
+        # Embed first: if that fails or is interrupted, the file's old chunks are still in place.
         vectors = self.embedder.embed_documents([c.text for c in chunks])
+        with _interrupt_after():  # the old chunks and the new ones: all swapped, or none
+            if old:
+                self.collection.delete(ids=old["ids"])
+            batch = self.client.get_max_batch_size()
+            for start in range(0, len(chunks), batch):
+                part = chunks[start : start + batch]
+                self.collection.add(
+                    ids=[_chunk_id(c) for c in part],
+                    embeddings=vectors[start : start + batch],
+                    documents=[c.text for c in part],
+                    metadatas=[self._metadata(c, digest, chunking) for c in part],
+                )
         if old:
-            self.collection.delete(ids=old["ids"])
             report.chunks_removed += len(old["ids"])
-        batch = self.client.get_max_batch_size()
-        for start in range(0, len(chunks), batch):
-            part = chunks[start : start + batch]
-            self.collection.add(
-                ids=[_chunk_id(c) for c in part],
-                embeddings=vectors[start : start + batch],
-                documents=[c.text for c in part],
-                metadatas=[self._metadata(c, digest, chunking) for c in part],
-            )
         report.chunks_added += len(chunks)
         return FileOutcome(path, "updated" if old else "added", len(chunks))
 
