@@ -15,20 +15,56 @@ from llmlab.settings import Settings, get_settings
 BUILTIN_CATALOG = Path(__file__).parent.parent / "models.yaml"
 
 
-def _read_catalog(path: Path, user: bool) -> list[ModelSpec]:
+def _load_entries(path: Path) -> list:
+    """The ``models:`` list of a catalog file ([] if there is no file).
+
+    Raises:
+        RegistryError: the file cannot be read, is not YAML, or is not ``models: [...]``.
+    """
     if not path.exists():
         return []
+    fix = "Fix or delete it."
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark else ""
         problem = getattr(exc, "problem", None) or "cannot be parsed"
+        raise RegistryError(f"The catalog {path} is not valid YAML ({where}{problem}). {fix}") from exc
+    except UnicodeDecodeError as exc:
         raise RegistryError(
-            f"The catalog {path} is not valid YAML ({where}{problem}). Fix or delete it."
+            f"The catalog {path} is not UTF-8 text ({exc.reason} at byte {exc.start}). "
+            f"Save it as UTF-8, or delete it."
         ) from exc
+    except OSError as exc:
+        raise RegistryError(f"The catalog {path} cannot be read: {exc.strerror or exc}. {fix}") from exc
+    if data is None:
+        return []
+    entries = data.get("models") if isinstance(data, dict) else data
+    if not isinstance(data, dict) or not isinstance(entries, list | None):
+        raise RegistryError(
+            f"The catalog {path} must hold 'models:' and a list of entries, e.g. "
+            f"'models: [{{name: mine, source: {{kind: path, path: /models/mine.gguf}}}}]'; "
+            f"it holds {_kind(entries)}. {fix}"
+        )
+    return entries or []
+
+
+def _kind(value: object) -> str:
+    """``a string``, ``a number`` ...: what a YAML value is, in words."""
+    names = {str: "a string", int: "a number", float: "a number", bool: "true/false",
+             dict: "a mapping", list: "a list", type(None): "nothing"}  # fmt: skip
+    return names.get(type(value), type(value).__name__)
+
+
+def _read_catalog(path: Path, user: bool) -> list[ModelSpec]:
     specs = []
-    for number, entry in enumerate(data.get("models", []), start=1):
+    for number, entry in enumerate(_load_entries(path), start=1):
+        if not isinstance(entry, dict):
+            raise RegistryError(
+                f"Entry {number} of {path} is invalid (it is {_kind(entry)}, not a mapping "
+                "with name and source). Fix or delete it."
+            )
         try:
             specs.append(ModelSpec(**entry, user=user))
         except (TypeError, ValidationError) as exc:
@@ -97,10 +133,8 @@ def default_spec(settings: Settings | None = None) -> ModelSpec:
 
 
 def _user_entries(settings: Settings) -> list[dict]:
-    path = settings.catalog_path
-    if not path.exists():
-        return []
-    return (yaml.safe_load(path.read_text()) or {}).get("models", [])
+    _read_catalog(settings.catalog_path, user=True)  # refuse to rewrite a broken catalog
+    return _load_entries(settings.catalog_path)
 
 
 def _write_user_entries(entries: list[dict], settings: Settings) -> None:

@@ -98,12 +98,26 @@ def _cache_key(target: Path) -> str:
     return f"{target.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
 
 
+def _read_verified(settings: Settings) -> dict[str, str]:
+    """The checksums verified before; a damaged cache counts as empty (files are hashed again)."""
+    try:
+        cache = json.loads(_verified_cache(settings).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # missing, unreadable, not JSON, not UTF-8
+        return {}
+    return cache if isinstance(cache, dict) else {}
+
+
 def _remember_verified(target: Path, sha256: str, settings: Settings) -> None:
     cache_file = _verified_cache(settings)
-    cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
+    cache = _read_verified(settings)
     cache[_cache_key(target)] = sha256
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    cache_file.write_text(json.dumps(cache, indent=1))
+    tmp = cache_file.with_name(cache_file.name + ".tmp")
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(cache, indent=1))
+        tmp.replace(cache_file)
+    except OSError:
+        pass  # only a cache: without it the file is hashed again next time
 
 
 def verify(spec: ModelSpec, path: Path | None = None, settings: Settings | None = None) -> Path:
@@ -129,9 +143,7 @@ def verify(spec: ModelSpec, path: Path | None = None, settings: Settings | None 
             f"or corrupt. {fix}"
         )
     if spec.sha256:
-        cache_file = _verified_cache(settings)
-        cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
-        if cache.get(_cache_key(target)) != spec.sha256:
+        if _read_verified(settings).get(_cache_key(target)) != spec.sha256:
             actual = sha256_file(target)
             if actual != spec.sha256:
                 raise ChecksumError(

@@ -72,10 +72,25 @@ def read_gguf_info(path: Path) -> GGUFInfo:
         RegistryError: the file is not a readable GGUF file.
     """
     try:
+        size = Path(path).stat().st_size
         reader = _header_reader_class()(str(path), "r")
     except (ValueError, OSError, struct.error) as exc:
+        if not Path(path).is_file():
+            raise RegistryError(f"{path} is not a file. Name a .gguf model file.") from exc
+        if size == 0:
+            raise RegistryError(
+                f"{path} is empty (0 bytes), so it holds no model. If it is a download or a "
+                "copy, make it again and check it finished."
+            ) from exc
+        with open(path, "rb") as handle:
+            magic = handle.read(4)
+        what = (
+            "starts as a GGUF file but is truncated or damaged"
+            if magic == b"GGUF"
+            else "is not a GGUF model file"
+        )
         raise RegistryError(
-            f"{path} is not a GGUF model file ({exc}). Convert it to GGUF first."
+            f"{path} {what} ({exc}). Convert the model to GGUF, or copy or download it again."
         ) from exc
 
     from gguf import LlamaFileType

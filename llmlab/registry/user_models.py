@@ -86,6 +86,8 @@ def add(
     """
     settings = settings or get_settings()
     path = Path(path).expanduser().resolve()
+    if path.is_dir():
+        raise ModelNotAvailableError(f"{path} is a folder, not a file. Name the .gguf file in it.")
     if not path.is_file():
         raise ModelNotAvailableError(f"{path} does not exist or is not a file. Check the path.")
     _check_new_name(name, tag)
