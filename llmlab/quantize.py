@@ -95,13 +95,19 @@ def write_full_precision(src: Path, dst: Path, progress: Progress = _quiet) -> P
     The file is written under a temporary name and renamed when complete.
     """
     import gguf
-    import numpy as np
 
     progress(f"reading {src.name} (the vocabulary takes a few seconds)")
     reader = gguf.GGUFReader(str(src), "r")
     arch = reader.get_field("general.architecture").contents()
-    tmp = dst.with_name(dst.name + ".partial")
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    with _written_as_partial(dst) as tmp:
+        _write_dequantized(reader, arch, tmp, dst.name, progress)
+    return dst
+
+
+def _write_dequantized(reader: Any, arch: str, tmp: Path, name: str, progress: Progress) -> None:
+    import gguf
+    import numpy as np
+
     writer = gguf.GGUFWriter(str(tmp), arch)
     for key, field in reader.fields.items():
         # GGUF.* are the reader's view of the header; the writer adds architecture itself.
@@ -118,13 +124,27 @@ def write_full_precision(src: Path, dst: Path, progress: Progress = _quiet) -> P
         values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
         dtype = np.float16 if values.ndim >= 2 else np.float32  # norms stay F32, as llama.cpp wants
         writer.add_tensor(tensor.name, values.astype(dtype))
-    progress(f"writing {dst.name}")
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    tmp.replace(dst)
-    return dst
+    progress(f"writing {name}")
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    finally:
+        writer.close()
+
+
+@contextmanager
+def _written_as_partial(dst: Path) -> Iterator[Path]:
+    """Yield ``dst.partial`` to write; rename it to ``dst`` when the block succeeds, and
+    delete it when the block fails or is interrupted (Ctrl-C), so no half file is left."""
+    tmp = dst.with_name(dst.name + ".partial")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        yield tmp
+        tmp.replace(dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 # --------------------------------------------------------------------------- quantize
@@ -163,14 +183,11 @@ def quantize_file(src: Path, dst: Path, tag: str, threads: int | None = None) ->
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, FTYPES[tag])
     params.nthread = threads or get_settings().threads
-    tmp = dst.with_name(dst.name + ".partial")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    with _silenced_output():  # llama.cpp prints a line or two per tensor
-        code = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
-    if code != 0 or not tmp.exists():
-        tmp.unlink(missing_ok=True)
-        raise RuntimeError(f"llama.cpp could not quantize {src.name} to {tag} (code {code}).")
-    tmp.replace(dst)
+    with _written_as_partial(dst) as tmp:
+        with _silenced_output():  # llama.cpp prints a line or two per tensor
+            code = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
+        if code != 0 or not tmp.exists():
+            raise RuntimeError(f"llama.cpp could not quantize {src.name} to {tag} (code {code}).")
     return dst
 
 
@@ -187,13 +204,24 @@ def build(
     The full-precision ``f16`` file is made first when any variant is missing, since
     every variant is quantized from it. Files that exist are reused unless ``force``.
     Returns ``{tag: path}`` in the lab's order.
+
+    Raises:
+        registry.RegistryError: unknown model, missing or damaged file, not a GGUF chat model.
+        ValueError: unknown tag, or a folder where an output file goes.
+        RuntimeError: llama.cpp could not quantize (no half-written file is left).
     """
     settings = settings or get_settings()
-    base = registry.resolve(model, settings)
+    base = check_source(registry.resolve(model, settings))
     wanted = check_tags(tags)
     paths = {tag: variant_path(tag, base, settings) for tag in wanted}
-    missing = [tag for tag, path in paths.items() if force or not path.exists()]
     f16 = variant_path("f16", base, settings)
+    for path in {f16, *paths.values()}:
+        if path.exists() and not path.is_file():
+            raise ValueError(
+                f"{path} is a folder, but the {path.parent.name} file is written there. "
+                "Move or delete that folder, then run again."
+            )
+    missing = [tag for tag, path in paths.items() if force or not path.exists()]
     if missing and (force or not f16.exists()):
         progress(f"f16: dequantizing {base.ref}")
         write_full_precision(Path(base.path), f16, progress)
@@ -203,6 +231,22 @@ def build(
         progress(f"{tag}: quantizing with llama.cpp")
         quantize_file(f16, paths[tag], tag, settings.threads)
     return paths
+
+
+def check_source(spec: registry.ModelSpec) -> registry.ModelSpec:
+    """Return ``spec`` if it is a readable GGUF chat model that can be quantized here.
+
+    Raises:
+        registry.RegistryError: another format, an embedding model, or a damaged GGUF file.
+    """
+    if spec.format != "gguf" or "chat" not in spec.capabilities:
+        raise registry.RegistryError(
+            f"{spec.ref} is not a GGUF chat model ({spec.format}, for "
+            f"{', '.join(spec.capabilities)}); the quantization lab makes chat variants. "
+            f"Name a GGUF chat model, e.g. --model smollm2-135m-instruct (see {registry.CLI} list)."
+        )
+    registry.read_gguf_info(Path(spec.path))  # a damaged file fails here, with what to do
+    return spec
 
 
 def register(
@@ -414,9 +458,16 @@ def main(argv: list[str] | None = None) -> int:
     except registry.RegistryError as exc:
         print(exc, file=sys.stderr)
         return 2
-    except RuntimeError as exc:
+    except (RuntimeError, OSError) as exc:
         print(exc, file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(
+            "Interrupted. The file being written was removed; files already made are kept "
+            "and reused. Run the same command again to make the rest.",
+            file=sys.stderr,
+        )
+        return 130
     for tag, spec in specs.items():
         size = os.path.getsize(paths[tag])
         print(f"{spec.ref:<32} {size / 2**20:7.1f} MiB  {paths[tag]}")

@@ -68,7 +68,12 @@ def safe_file_name(raw: str | None) -> str:
             param="files",
             code="invalid_file_name",
         )
-    return cleaned[:200]
+    limit = 200
+    if len(cleaned) <= limit:
+        return cleaned
+    # Shorten the stem, never the extension: the extension is the file's type.
+    suffix = Path(cleaned).suffix if len(Path(cleaned).suffix) <= 10 else ""
+    return cleaned[: limit - len(suffix)] + suffix
 
 
 def _collection(name: str) -> str:

@@ -109,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{spec.ref} is not a chat model (it can do: {', '.join(spec.capabilities)}). "
                 "Serve a chat model, e.g. --model smollm2-135m-instruct."
             )
+        if spec.format == "gguf":  # a damaged file fails here, not after the server is up
+            registry.read_gguf_info(spec.path)
     except registry.RegistryError as exc:
         print(exc, file=sys.stderr)
         return 2
