@@ -436,7 +436,12 @@ class ChatSession:
         path = Path(path).expanduser()
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except UnicodeDecodeError as exc:
+            raise ChatError(
+                f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason}); it is not a chat "
+                "transcript, which is UTF-8 JSON."
+            ) from exc
+        except json.JSONDecodeError as exc:
             raise ChatError(
                 f"{path} is not valid JSON ({exc}); it is not a chat transcript."
             ) from exc

@@ -25,7 +25,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from llmlab import registry
-from llmlab.backends.base import BackendError
+from llmlab.backends.base import BackendError, ContextOverflowError
 from llmlab.rag import (
     DEFAULT_CHUNK_OVERLAP,
     DEFAULT_CHUNK_SIZE,
@@ -168,6 +168,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except (RagError, registry.RegistryError, ValueError) as exc:
         errors.print(f"error: {escape(str(exc))}")
+        return 2
+    except ContextOverflowError as exc:
+        errors.print(
+            f"error: The question is too long: with the passages it needs {exc.prompt_tokens} "
+            f"tokens, and the model's context holds {exc.context_length} (answer included). "
+            "Ask a shorter question, or set a larger context with LLMLAB_N_CTX."
+        )
         return 2
     except BackendError as exc:
         errors.print(f"error: {escape(str(exc))}")

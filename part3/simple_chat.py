@@ -306,10 +306,19 @@ class ChatApp:
             )
         return result
 
-    def save_history(self) -> None:
-        """Write the transcript to --history, if given."""
-        if self.args.history is not None:
+    def save_history(self) -> bool:
+        """Write the transcript to --history, if given; False (and a message) if it failed."""
+        if self.args.history is None:
+            return True
+        try:
             self.session.save(self.args.history)
+        except OSError as exc:
+            self.ui.error(
+                f"Could not save the history to {self.args.history}: {exc.strerror or exc}. "
+                "The chat is still in memory: /save FILE writes it elsewhere."
+            )
+            return False
+        return True
 
     # ----- the loop ------------------------------------------------------------------
 
@@ -335,7 +344,8 @@ class ChatApp:
                 continue
             self.reply(line, stream=not self.args.no_stream)
             self.save_history()
-        self.save_history()
+        if not self.save_history():
+            return 1
         if self.args.history is not None:
             self.ui.notice(f"history saved to {self.args.history}")
         return 0
@@ -455,8 +465,7 @@ def one_shot(app: ChatApp, text: str, as_json: bool) -> int:
         return 2
     if not as_json:
         result = app.reply(text, stream=not app.args.no_stream)
-        app.save_history()
-        if result is None:
+        if not app.save_history() or result is None:
             return 1
         return 130 if result.finish_reason == "interrupted" else 0
     try:
@@ -464,7 +473,7 @@ def one_shot(app: ChatApp, text: str, as_json: bool) -> int:
     except (ChatError, BackendError) as exc:
         app.ui.error(str(exc))
         return 1
-    app.save_history()
+    saved = app.save_history()
     data = {
         "model": app.session.model,
         "reply": result.text,
@@ -473,7 +482,20 @@ def one_shot(app: ChatApp, text: str, as_json: bool) -> int:
     }
     del data["text"]
     print(json.dumps(data, ensure_ascii=False))
+    if not saved:
+        return 1
     return 130 if result.finish_reason == "interrupted" else 0
+
+
+def _history_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be a transcript file (a folder, or under a file), else None."""
+    path = path.expanduser()
+    if path.is_dir():
+        return f"is a folder; name a file in it, e.g. {path / 'chat.json'}"
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        return f"cannot be created: {parent} is a file, not a folder"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -482,6 +504,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.json and args.prompt is None:
         parser.error("--json needs --prompt TEXT (one question, one JSON answer)")
+    if args.history is not None and (problem := _history_problem(args.history)):
+        parser.error(f"--history {args.history} {problem}")
     ui = Ui()
     text = None
     if args.prompt is not None:
@@ -499,6 +523,7 @@ def main(argv: list[str] | None = None) -> int:
         ui.error(str(exc))
         return 2
     except KeyboardInterrupt:
+        ui.error("Interrupted while loading the model.")
         return 130
     with model:
         session = ChatSession(model, system=args.system, params=params)

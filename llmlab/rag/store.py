@@ -409,6 +409,10 @@ class DocumentStore:
             chunks = split_units(load_file(path), chunk_size, chunk_overlap)
         except (UnreadableFileError, OSError) as exc:
             return FileOutcome(path, "failed", error=str(exc))
+        if not chunks:
+            return FileOutcome(
+                path, "failed", error=f"{path}: has no text to index. Add some, or leave it out."
+            )
         # Embed first: if that fails or is interrupted, the file's old chunks are still in place.
         vectors = self.embedder.embed_documents([c.text for c in chunks])
         with _interrupt_after():  # the old chunks and the new ones: all swapped, or none
