@@ -22,7 +22,7 @@ import numpy as np
 from llmlab.backends.base import BackendError, GenerationParams, Message
 from llmlab.backends.local import LocalBackend, Step, wrap_load_error
 from llmlab.hardware import human_bytes
-from llmlab.registry import ModelSpec, spec_ram_estimate
+from llmlab.registry import ModelSpec, RegistryError, read_gguf_info, spec_ram_estimate
 from llmlab.settings import Settings
 
 
@@ -108,6 +108,10 @@ class LlamaCppBackend(LocalBackend):
         except (ValueError, RuntimeError, OSError) as exc:
             if "llama_context" in str(exc):  # the weights loaded; the context did not fit
                 raise self._context_error() from exc
+            try:  # say what is wrong with the file when its header shows it
+                read_gguf_info(self.spec.path)
+            except RegistryError as bad:
+                raise BackendError(f"llama.cpp could not load {self.spec.ref}: {bad}") from exc
             raise wrap_load_error(self.spec, "llama.cpp", exc) from exc
         if "tokenizer.chat_template" in self._llm.metadata:
             # llama-cpp-python may map a known template to a built-in format (e.g. chatml,

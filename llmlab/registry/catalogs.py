@@ -30,14 +30,18 @@ def _load_entries(path: Path) -> list:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark else ""
         problem = getattr(exc, "problem", None) or "cannot be parsed"
-        raise RegistryError(f"The catalog {path} is not valid YAML ({where}{problem}). {fix}") from exc
+        raise RegistryError(
+            f"The catalog {path} is not valid YAML ({where}{problem}). {fix}"
+        ) from exc
     except UnicodeDecodeError as exc:
         raise RegistryError(
             f"The catalog {path} is not UTF-8 text ({exc.reason} at byte {exc.start}). "
             f"Save it as UTF-8, or delete it."
         ) from exc
     except OSError as exc:
-        raise RegistryError(f"The catalog {path} cannot be read: {exc.strerror or exc}. {fix}") from exc
+        raise RegistryError(
+            f"The catalog {path} cannot be read: {exc.strerror or exc}. {fix}"
+        ) from exc
     if data is None:
         return []
     entries = data.get("models") if isinstance(data, dict) else data

@@ -142,15 +142,14 @@ def verify(spec: ModelSpec, path: Path | None = None, settings: Settings | None 
             f"{target} has {size} bytes, expected {spec.size_bytes}: the file is truncated "
             f"or corrupt. {fix}"
         )
-    if spec.sha256:
-        if _read_verified(settings).get(_cache_key(target)) != spec.sha256:
-            actual = sha256_file(target)
-            if actual != spec.sha256:
-                raise ChecksumError(
-                    f"{target} does not match its sha256 (expected {spec.sha256[:12]}…, got "
-                    f"{actual[:12]}…): the file is corrupt. {fix}"
-                )
-            _remember_verified(target, actual, settings)
+    if spec.sha256 and _read_verified(settings).get(_cache_key(target)) != spec.sha256:
+        actual = sha256_file(target)
+        if actual != spec.sha256:
+            raise ChecksumError(
+                f"{target} does not match its sha256 (expected {spec.sha256[:12]}…, got "
+                f"{actual[:12]}…): the file is corrupt. {fix}"
+            )
+        _remember_verified(target, actual, settings)
     return path
 
 

@@ -303,3 +303,30 @@ def test_piped_output_is_plain_and_a_terminal_gets_colour(chat, monkeypatch):
     monkeypatch.delenv("NO_COLOR", raising=False)
     code, out, _ = chat(["/help"], *FAST)
     assert code == 0 and "\x1b[" in out
+
+
+def test_sampling_ranges_are_the_servers():
+    """The command line and /params accept exactly what the server's schema accepts."""
+    from annotated_types import Ge, Gt, Le
+
+    from llmlab.chat import PARAM_RANGES, Range
+    from part5.combined_app.schemas import SamplingFields
+
+    for name, allowed in PARAM_RANGES.items():
+        bounds = {type(m): m for m in SamplingFields.model_fields[name].metadata}
+        server = Range(
+            bounds[Gt].gt if Gt in bounds else bounds[Ge].ge,
+            bounds[Le].le if Le in bounds else None,
+            low_open=Gt in bounds,
+        )
+        assert allowed._replace(note="") == server, name
+
+
+@pytest.mark.slow
+def test_params_out_of_range_are_refused_and_the_chat_goes_on(chat):
+    lines = ["/params temperature=-1", "/params top_p=0", "/params", "/exit"]
+    code, out, err = chat(lines, *FAST)
+    assert code == 0
+    assert "error: temperature must be at least 0 and at most 2 (0 is greedy), not -1.0." in err
+    assert "error: top_p must be above 0 and at most 1 (1 keeps every token), not 0.0." in err
+    assert "temperature: 0\n" in out  # unchanged
