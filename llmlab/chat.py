@@ -67,40 +67,46 @@ class Range(NamedTuple):
     high: float | None = None
     low_open: bool = False  # True: the value must be above ``low``, not equal to it
     note: str = ""
+    next_above_low: float | None = None  # values between ``low`` and this are refused
 
     def __contains__(self, value: object) -> bool:
         if not isinstance(value, int | float) or value != value:  # NaN is in no range
             return False
         above = value > self.low if self.low_open else value >= self.low
-        return above and (self.high is None or value <= self.high)
+        gap = self.next_above_low is not None and self.low < value < self.next_above_low
+        return above and not gap and (self.high is None or value <= self.high)
 
     def describe(self) -> str:
-        """The range in words, e.g. ``at least 0 and at most 2 (0 is greedy)``."""
+        """The range in words, e.g. ``0, or at least 0.001 and at most 2 (0 is greedy)``."""
         text = f"above {self.low:g}" if self.low_open else f"at least {self.low:g}"
+        if self.next_above_low is not None:
+            text = f"{self.low:g}, or at least {self.next_above_low:g}"
         if self.high is not None:
             text += f" and at most {self.high:g}"
         return f"{text} ({self.note})" if self.note else text
 
 
-# What the server accepts (part5/combined_app/schemas.py, SamplingFields); a test keeps the
-# two the same, so a setting the command line takes is one the server takes too.
+# What the server accepts (part5/combined_app/schemas.py); a test keeps the two the same,
+# so a setting the command line takes is one the server takes too. Temperatures just above
+# 0 and tiny repeat penalties overflow the sampler's arithmetic (logits / 1e-300 is inf).
 PARAM_RANGES = {
     "max_tokens": Range(1, note="the longest reply, in tokens"),
-    "temperature": Range(0, 2, note="0 is greedy"),
+    "temperature": Range(0, 2, note="0 is greedy", next_above_low=0.001),
     "top_p": Range(0, 1, low_open=True, note="1 keeps every token"),
     "top_k": Range(0, note="0 keeps every token"),
-    "repeat_penalty": Range(0, low_open=True, note="1 is no penalty"),
+    "seed": Range(0),
+    "repeat_penalty": Range(0.01, note="1 is no penalty"),
 }
 
 
 def check_param(name: str, value: Any) -> Any:
-    """Return ``value`` if it is in the valid range of sampling setting ``name``.
+    """Return ``value`` if it is in the valid range of sampling setting ``name`` (or None).
 
     Raises:
         ChatError: the value is outside :data:`PARAM_RANGES` (the message gives the range).
     """
     allowed = PARAM_RANGES.get(name)
-    if allowed is not None and value not in allowed:
+    if allowed is not None and value is not None and value not in allowed:
         raise ChatError(f"{name} must be {allowed.describe()}, not {value!r}.")
     return value
 

@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"CPU threads for local engines (default: {settings.threads})",
     )
     parser.add_argument(
-        "--seed", type=int, default=None, help="sampling seed, for repeatable replies"
+        "--seed", type=_param("seed"), default=None, help="sampling seed, for repeatable replies"
     )
     parser.add_argument(
         "--history",
