@@ -75,6 +75,7 @@ from llmlab.backends.base import (
 )
 from llmlab.backends.llamacpp import gguf_chat_formatter
 from llmlab.backends.local import StopMatcher
+from llmlab.chat import PARAM_RANGES, check_param
 from llmlab.settings import get_settings
 
 # llama.cpp's repeat-penalty window (``penalty_last_n``), so penalties match the backend's.
@@ -573,9 +574,13 @@ class Engine:
             QueueFullError: ``max_queue`` requests are already waiting.
             ContextOverflowError: the prompt plus ``max_tokens`` exceeds ``n_ctx``.
             EngineError: the engine is closed.
+            ValueError: a sampling setting out of its range (:data:`llmlab.chat.PARAM_RANGES`);
+                checked here, because on the decode thread it would stop every request.
         """
         if (request.messages is None) == (request.prompt is None):
             raise ValueError("a Request needs exactly one of messages or prompt")
+        for name in PARAM_RANGES:
+            check_param(name, getattr(request.params, name))
         with self._model_lock:
             self._check_open()
             tokens = self._prompt_tokens(request)

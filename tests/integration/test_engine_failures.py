@@ -125,3 +125,24 @@ def test_a_closed_engine_refuses_to_tokenize():
     engine.close()
     with pytest.raises(EngineError, match="closed"):
         engine.prompt_tokens(Request.completion("Hello"))
+
+
+@pytest.mark.parametrize(
+    "params, words",
+    [
+        (
+            {"seed": -1},
+            "seed must be at least 0",
+        ),  # np.random.default_rng(-1) raised on the decode thread
+        ({"temperature": 1e-300}, "temperature must be 0, or at least 0.001"),  # NaN probabilities
+        ({"repeat_penalty": 5e-324}, "repeat_penalty must be at least 0.01"),  # llama.cpp aborted
+    ],
+)
+def test_out_of_range_sampling_is_refused_at_submit_and_the_engine_goes_on(params, words):
+    # Found by fuzzing the server: each of these stopped the decode loop for every request
+    # (or, the last one with a JSON grammar, aborted the process).
+    with Engine(parallel=2, n_ctx=256) as engine:
+        with pytest.raises(ValueError, match=words):
+            engine.submit(chat(QUESTIONS[0], max_tokens=4, **params))
+        reply = engine.submit(chat(QUESTIONS[1], max_tokens=4, temperature=0)).result(120)
+        assert reply.usage.completion_tokens == 4
