@@ -91,7 +91,9 @@ CELLS = [
     build_info = llama_cpp_system_info()["system_info"]
     print("this CPU has:    ", " ".join(llama_build.cpu_features()) or "(not an x86 CPU)")
     print("the build uses:  ", " ".join(llama_build.build_features(build_info)))
-    print("build flags:     ", " ".join(llama_build.cmake_args(llama_build.choose_features())))
+    chosen = llama_build.choose_features()  # what `make setup` builds with on this CPU
+    print("CMake flags:     ", " ".join(llama_build.cmake_args(chosen)))
+    print("compiler flags:  ", llama_build.isa_cflags(chosen) or "(none)")
     """),
     code("""
     probe = envcheck.check_generation(max_tokens=MAX_TOKENS)  # runs in a child process
