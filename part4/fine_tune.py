@@ -42,7 +42,7 @@ EPILOG = """examples:
   python part4/fine_tune.py --fresh                  # forget the checkpoints, start over
 then:
   python part3/simple_chat.py --model smollm2-135m-instruct:json-qa
-  python part3/batch_process.py prompts.jsonl out.jsonl --model smollm2-135m-instruct:json-qa
+  python part3/batch_process.py prompts.txt -o answers.jsonl --model smollm2-135m-instruct:json-qa
 """
 
 
@@ -54,26 +54,60 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add = parser.add_argument
-    add("--name", default="json-qa", help="tag of the result, <model>:<name> (default: %(default)s)")
+    add(
+        "--name", default="json-qa", help="tag of the result, <model>:<name> (default: %(default)s)"
+    )
     add("--model", help="catalog name of the base model (default: the lab's default)")
     add("--train", type=Path, default=DATA / "train.jsonl", help="training split (JSONL)")
     add("--heldout", type=Path, default=DATA / "heldout.jsonl", help="held-out split (JSONL)")
-    add("--out", type=Path, help="run folder: checkpoints, adapter, report (default: $LLMLAB_HOME/finetune/<name>)")
-    add("--epochs", type=int, default=2, help="passes over the training split (default: %(default)s)")
+    add(
+        "--out",
+        type=Path,
+        help="run folder: checkpoints, adapter, report (default: $LLMLAB_HOME/finetune/<name>)",
+    )
+    add(
+        "--epochs",
+        type=int,
+        default=2,
+        help="passes over the training split (default: %(default)s)",
+    )
     add("--max-steps", type=int, help="stop after this many steps in all (CI-sized runs)")
     add("--batch-size", type=int, default=4, help="examples per step (default: %(default)s)")
     add("--lr", type=float, default=1e-3, help="peak learning rate (default: %(default)s)")
     add("--rank", type=int, default=8, help="LoRA rank (default: %(default)s)")
-    add("--alpha", type=float, default=16.0, help="LoRA alpha; updates scale by alpha/rank (default: %(default)s)")
+    add(
+        "--alpha",
+        type=float,
+        default=16.0,
+        help="LoRA alpha; updates scale by alpha/rank (default: %(default)s)",
+    )
     add("--last-layers", type=int, default=None, help="adapt only the last N layers (default: all)")
-    add("--max-length", type=int, default=256, help="longest example in tokens (default: %(default)s)")
+    add(
+        "--max-length",
+        type=int,
+        default=256,
+        help="longest example in tokens (default: %(default)s)",
+    )
     add("--eval-limit", type=int, help="score only the first N held-out examples")
-    add("--max-tokens", type=int, default=48, help="reply length when scoring (default: %(default)s)")
+    add(
+        "--max-tokens",
+        type=int,
+        default=48,
+        help="reply length when scoring (default: %(default)s)",
+    )
     add("--seed", type=int, default=0, help="seed of the data order and the adapter's init")
     add("--quant", default="q8_0", help="llama.cpp type of the merged model (default: %(default)s)")
-    add("--strict", action="store_true", help="refuse a split with malformed lines instead of skipping them")
+    add(
+        "--strict",
+        action="store_true",
+        help="refuse a split with malformed lines instead of skipping them",
+    )
     add("--fresh", action="store_true", help="delete the run's checkpoints and start over")
-    add("--no-export", action="store_true", help="stop after the adapter (no GGUF files, no registry entry)")
+    add(
+        "--no-export",
+        action="store_true",
+        help="stop after the adapter (no GGUF files, no registry entry)",
+    )
     add("--threads", type=int, help="CPU threads (default: LLMLAB_THREADS or every core)")
     return parser
 
@@ -128,7 +162,9 @@ def export(args, adapter: Path, out: Path, examples, tuned: evaluate.Report) -> 
     base = registry.resolve(args.model)
     lora = export_gguf.write_adapter(adapter, base.path, out / f"{args.name}.lora.gguf")
     say(f"GGUF LoRA adapter: {lora}")
-    spec = export_gguf.export_merged(adapter, args.name, quant=args.quant, base=args.model, progress=say)
+    spec = export_gguf.export_merged(
+        adapter, args.name, quant=args.quant, base=args.model, progress=say
+    )
     say(f"registered {spec.ref} ({spec.source.path}, sha256 {spec.sha256[:12]}...)")
     results = {}
     for label, model in (
@@ -142,7 +178,12 @@ def export(args, adapter: Path, out: Path, examples, tuned: evaluate.Report) -> 
         same = evaluate.agreement(report, tuned)
         say(f"    same reply as the tuned transformers model: {same:.0%}")
         results[label] = {"summary": report.summary(), "same_as_transformers": same}
-    return {"adapter_gguf": str(lora), "merged": spec.ref, "merged_path": str(spec.path), "llama_cpp": results}
+    return {
+        "adapter_gguf": str(lora),
+        "merged": spec.ref,
+        "merged_path": str(spec.path),
+        "llama_cpp": results,
+    }
 
 
 def run(args) -> int:
@@ -151,7 +192,9 @@ def run(args) -> int:
     if args.fresh:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
     train_split, heldout_split = read_splits(args)
-    say(f"data: {len(train_split.examples)} training, {len(heldout_split.examples)} held-out examples")
+    say(
+        f"data: {len(train_split.examples)} training, {len(heldout_split.examples)} held-out examples"
+    )
     base = train.load_base(args.model, threads=args.threads)
     say(f"base model: {base.spec.ref} via transformers on {base.device} ({base.loaded_from})")
     tokens = fit(train_split, base.tokenizer, args.max_length)
@@ -182,7 +225,9 @@ def run(args) -> int:
         )
         return 130
     resumed = f", resumed from step {result.resumed_from}" if result.resumed_from else ""
-    say(f"trained {result.steps} steps in {seconds:.0f} s{resumed}; last loss {result.losses[-1]:.3f}")
+    say(
+        f"trained {result.steps} steps in {seconds:.0f} s{resumed}; last loss {result.losses[-1]:.3f}"
+    )
     say("scoring the tuned model")
     after = score(base, examples, "tuned (transformers)", args)
     adapter = train.save_adapter(

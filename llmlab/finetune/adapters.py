@@ -46,7 +46,9 @@ def adapter_base(path: str | Path) -> str | None:
     if path.is_dir():
         return read_meta(path).get("base_model")
     if not path.is_file():
-        raise BackendError(f"No LoRA adapter at {path}. Check the path (part4/fine_tune.py makes one).")
+        raise BackendError(
+            f"No LoRA adapter at {path}. Check the path (part4/fine_tune.py makes one)."
+        )
     from llmlab.registry import _header_reader_class
 
     try:

@@ -49,7 +49,9 @@ def permute(weights: np.ndarray, n_head: int, n_head_kv: int | None = None) -> n
         n_head = n_head_kv
     shape = weights.shape
     return (
-        weights.reshape(n_head, 2, shape[0] // n_head // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+        weights.reshape(n_head, 2, shape[0] // n_head // 2, *shape[1:])
+        .swapaxes(1, 2)
+        .reshape(shape)
     )
 
 
@@ -169,7 +171,9 @@ def merged_updates(adapter: str | Path, base_gguf: str | Path) -> dict[str, np.n
     return updates
 
 
-def write_merged(adapter: str | Path, base_gguf: str | Path, out: str | Path, progress=None) -> Path:
+def write_merged(
+    adapter: str | Path, base_gguf: str | Path, out: str | Path, progress=None
+) -> Path:
     """Write ``base_gguf`` with the adapter merged in, every weight F16 (norms F32), with
     the base file's metadata, tokenizer and chat template."""
     from llmlab import quantize

@@ -194,7 +194,11 @@ def _save_checkpoint(out: Path, model, optimizer, scheduler, state: dict) -> Pat
     tmp = Path(tempfile.mkdtemp(prefix=f"{folder.name}.partial-", dir=folder.parent))
     try:
         model.save_pretrained(tmp)
-        payload = {**state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+        payload = {
+            **state,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+        }
         torch.save(payload, tmp / STATE_FILE)  # written last: its presence marks a complete one
         if folder.exists():
             shutil.rmtree(folder)
@@ -292,7 +296,9 @@ def train(
     result = TrainResult(state["step"], total, state["losses"], resumed_from=state["step"])
     device = next(iter(params)).device
     model.train()
-    bar = tqdm(total=total, initial=state["step"], desc="training", unit="step", disable=not progress)
+    bar = tqdm(
+        total=total, initial=state["step"], desc="training", unit="step", disable=not progress
+    )
     try:
         with _ctrl_c_between_steps() as stop:
             while state["step"] < total:
