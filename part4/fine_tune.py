@@ -165,7 +165,7 @@ def export(args, adapter: Path, out: Path, examples, tuned: evaluate.Report) -> 
     spec = export_gguf.export_merged(
         adapter, args.name, quant=args.quant, base=args.model, progress=say
     )
-    say(f"registered {spec.ref} ({spec.source.path}, sha256 {spec.sha256[:12]}...)")
+    say(f"registered {spec.ref} ({spec.path}, sha256 {spec.sha256[:12]}...)")
     results = {}
     for label, model in (
         ("llama.cpp base + adapter", backends.load(base.ref, backend="llama.cpp", lora=str(lora))),

@@ -202,7 +202,7 @@ def export_merged(
 
     Files: ``$LLMLAB_HOME/models/<base name>/<name>/<stem>.<NAME>-F16.gguf`` (merged, full
     precision) and ``<stem>.<NAME>.gguf`` (quantized, the registered one). Returns the
-    catalog entry (its sha256 recorded).
+    catalog entry (its sha256 recorded), resolved to its local path.
 
     Raises:
         ExportError: ``name`` is not a valid tag or is one of the quantization tags.
@@ -223,7 +223,7 @@ def export_merged(
     write_merged(adapter, spec.path, f16, progress)
     progress(f"quantizing to {quant}")
     quantize.quantize_file(f16, final, quant, settings.threads)
-    return registry.add(
+    added = registry.add(
         final,
         name=spec.name,
         tag=name,
@@ -233,3 +233,4 @@ def export_merged(
         ),
         settings=settings,
     )
+    return registry.resolve(added.ref, settings)  # with its local path

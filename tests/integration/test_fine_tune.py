@@ -37,18 +37,17 @@ fine_tune = _script(ROOT / "part4" / "fine_tune.py")
 
 def _prompts(model, n=3) -> list[list[int]]:
     examples = data.read_split(HELDOUT).examples[:n]
-    return [
-        model.tokenize(model.apply_chat_template(e.prompt), special=True) for e in examples
-    ]
+    return [model.tokenize(model.apply_chat_template(e.prompt), special=True) for e in examples]
 
 
 def _distance(a: list[np.ndarray], b: list[np.ndarray]) -> float:
-    return max(float(np.abs(x - y).max()) for x, y in zip(a, b, strict=True))
+    """Mean absolute difference of two models' next-token scores over the prompts."""
+    return float(np.mean([np.abs(x - y).mean() for x, y in zip(a, b, strict=True)]))
 
 
 @pytest.mark.slow
 def test_gguf_adapter_and_merged_gguf_score_like_the_transformers_model(tmp_path, monkeypatch):
-    base = train.load_base(threads=2)
+    base = train.load_base()
     prompts = _prompts(base)
     before = [base.next_token_logits(ids) for ids in prompts]
     torch.manual_seed(0)
@@ -56,14 +55,14 @@ def test_gguf_adapter_and_merged_gguf_score_like_the_transformers_model(tmp_path
     with torch.no_grad():  # a fresh adapter changes nothing (B = 0): make it change a lot
         for name, p in model.named_parameters():
             if "lora_B" in name:
-                p.normal_(0, 0.02)
+                p.normal_(0, 0.3)
     tuned = [base.next_token_logits(ids) for ids in prompts]
     folder = train.save_adapter(model, tmp_path / "adapter", base=base.spec)
     base.close()
 
     def llama_cpp(path, **options):
         spec = registry.add(path, name="merged-check") if path else None
-        m = backends.load(spec or None, backend="llama.cpp", n_ctx=512, threads=2, **options)
+        m = backends.load(spec or None, backend="llama.cpp", n_ctx=512, **options)
         try:
             return [m.next_token_logits(ids) for ids in prompts]
         finally:
@@ -74,14 +73,18 @@ def test_gguf_adapter_and_merged_gguf_score_like_the_transformers_model(tmp_path
     changed = _distance(before, tuned)
     via_adapter = _distance(llama_cpp(None, lora=str(lora)), tuned)
     via_merged = _distance(llama_cpp(merged), tuned)
-    # The adapter moves the scores by several units; llama.cpp's Q4_1 kernels (and the F16
-    # of the merged file) differ from fp32 PyTorch by a small fraction of that.
-    assert changed > 2.0
-    assert via_adapter < 0.2 * changed and via_merged < 0.2 * changed, (changed, via_adapter, via_merged)
+    # The adapter moves the scores by ~1.7 on average; llama.cpp's Q4_1 kernels differ from
+    # fp32 PyTorch by ~0.11 with or without it (the F16 merged file by about as much).
+    assert changed > 1.0
+    assert via_adapter < 0.15 * changed and via_merged < 0.15 * changed, (
+        changed,
+        via_adapter,
+        via_merged,
+    )
 
     monkeypatch.setattr(export_gguf, "permute", lambda w, *heads: w)  # forget llama.cpp's row order
     unpermuted = export_gguf.write_adapter(folder, registry.resolve().path, tmp_path / "bad.gguf")
-    assert _distance(llama_cpp(None, lora=str(unpermuted)), tuned) > 2 * via_adapter
+    assert _distance(llama_cpp(None, lora=str(unpermuted)), tuned) > 3 * via_adapter
 
 
 @pytest.mark.slow
@@ -114,7 +117,9 @@ def test_ci_sized_run_resumes_after_ctrl_c_registers_and_serves_the_part3_progra
     assert report["steps"] == 2 and len(report["losses"]) == 2
     assert set(report["base"]) >= {"exact", "valid_json", "answer_f1"}
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
-    assert (out / "checkpoints" / "step-00001").is_dir() and (out / "checkpoints" / "step-00002").is_dir()
+    assert (out / "checkpoints" / "step-00001").is_dir() and (
+        out / "checkpoints" / "step-00002"
+    ).is_dir()
 
     spec = registry.resolve("smollm2-135m-instruct:ci")
     assert spec.sha256 == registry.sha256_file(spec.path) and spec.quantization == "Q8_0"
