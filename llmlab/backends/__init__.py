@@ -11,6 +11,7 @@ Models load lazily: ``load`` returns at once and the first request loads the wei
 from __future__ import annotations
 
 import importlib.util
+import os
 from typing import Any
 
 from llmlab import llama_build
@@ -124,6 +125,7 @@ def load(
         if options.get("lora"):
             from llmlab.finetune.adapters import check_adapter
 
+            options["lora"] = os.path.expanduser(str(options["lora"]))
             check_adapter(options["lora"], spec)  # refuses an adapter made for another model
         return LlamaCppBackend(spec, settings=settings, **options)
     from llmlab.backends.transformers_backend import TransformersBackend
