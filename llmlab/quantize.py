@@ -87,12 +87,19 @@ def variant_path(tag: str, base: registry.ModelSpec, settings: Settings | None =
 # --------------------------------------------------------------------------- full precision
 
 
-def write_full_precision(src: Path, dst: Path, progress: Progress = _quiet) -> Path:
+def write_full_precision(
+    src: Path,
+    dst: Path,
+    progress: Progress = _quiet,
+    update: Callable[[str, Any], Any] | None = None,
+) -> Path:
     """Write a GGUF with every tensor of ``src`` dequantized: 2-D weights as F16, the rest F32.
 
     All metadata key/values are copied (architecture, hyper-parameters, the tokenizer's
     vocabulary and merges, the chat template); only ``general.file_type`` becomes F16.
-    The file is written under a temporary name and renamed when complete.
+    ``update(name, values)``, if given, may change each dequantized float32 tensor before
+    it is stored (``llmlab.finetune`` adds a LoRA update this way). The file is written
+    under a temporary name and renamed when complete.
     """
     import gguf
 
@@ -122,6 +129,8 @@ def _write_dequantized(reader: Any, arch: str, tmp: Path, name: str, progress: P
     progress(f"dequantizing {len(reader.tensors)} tensors")
     for tensor in reader.tensors:
         values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        if update is not None:
+            values = update(tensor.name, values)
         dtype = np.float16 if values.ndim >= 2 else np.float32  # norms stay F32, as llama.cpp wants
         writer.add_tensor(tensor.name, values.astype(dtype))
     progress(f"writing {name}")

@@ -11,6 +11,7 @@ Models load lazily: ``load`` returns at once and the first request loads the wei
 from __future__ import annotations
 
 import importlib.util
+import os
 from typing import Any
 
 from llmlab import llama_build
@@ -81,11 +82,13 @@ def load(
     when llama-cpp-python is installed, else transformers.
 
     Options: ``n_ctx``, ``threads``, ``device``, ``quantization`` (transformers: 8bit, 4bit),
-    ``base_url``, ``api_key``, ``timeout`` (remote).
+    ``lora`` (llama.cpp: a GGUF LoRA adapter applied on top of the model, see
+    ``part4/fine_tune.py``), ``base_url``, ``api_key``, ``timeout`` (remote).
 
     Raises:
         ValueError: unknown backend name or an option the chosen engine does not take.
         registry.RegistryError: the model is unknown, missing or fails its checksum.
+        BackendError: ``lora`` is missing, not an adapter, or made for another model.
     """
     settings = get_settings()
     kind = canonical_backend(backend)
@@ -118,7 +121,12 @@ def load(
                 "bitsandbytes quantization needs --backend transformers."
             )
         options.pop("quantization", None)
-        _only(options, {"n_ctx", "threads", "device"}, "llama.cpp")
+        _only(options, {"n_ctx", "threads", "device", "lora"}, "llama.cpp")
+        if options.get("lora"):
+            from llmlab.finetune.adapters import check_adapter
+
+            options["lora"] = os.path.expanduser(str(options["lora"]))
+            check_adapter(options["lora"], spec)  # refuses an adapter made for another model
         return LlamaCppBackend(spec, settings=settings, **options)
     from llmlab.backends.transformers_backend import TransformersBackend
 

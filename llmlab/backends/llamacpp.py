@@ -65,10 +65,12 @@ class LlamaCppBackend(LocalBackend):
         n_ctx: int | None = None,
         threads: int | None = None,
         device: str | None = None,
+        lora: str | None = None,
         settings: Settings | None = None,
     ):
         super().__init__(spec, n_ctx=n_ctx, threads=threads, settings=settings)
         self.device = device or self.settings.device
+        self.lora = str(lora) if lora else None  # a GGUF LoRA adapter applied on top
         self._llm = None
         self._formatters: dict[bool, Any] = {}
         self._eog: set[int] = set()
@@ -102,6 +104,7 @@ class LlamaCppBackend(LocalBackend):
                 # The engine uses the same kernel, so both give the same greedy text.
                 flash_attn=self.settings.flash_attn,
                 chat_format=None,  # None: use the template stored in the GGUF file
+                lora_path=self.lora,
                 logits_all=False,
                 verbose=False,
             )
@@ -256,6 +259,7 @@ class LlamaCppBackend(LocalBackend):
             "threads": self.threads,
             "device": "gpu" if self.loaded and self._gpu_layers() else "cpu",
             "dtype": self.spec.quantization or "gguf",
+            "lora": self.lora,
             "loaded": self.loaded,
         }
         if self.loaded:

@@ -56,6 +56,7 @@ def test_requirements_pin_the_course_stack():
         "rich",
         "fastapi",
         "openai",
+        "peft",
     ):
         assert name in pins, f"{name} is not pinned in requirements.txt"
 
@@ -74,6 +75,6 @@ def test_makefile_has_every_documented_target():
 
 
 def test_every_learner_folder_has_a_readme():
-    for folder in ("notebooks", "part2", "part3", "part5"):
+    for folder in ("notebooks", "part2", "part3", "part4", "part5"):
         if any(p.is_file() for p in (REPO / folder).rglob("*")):
             assert (REPO / folder / "README.md").exists(), f"{folder}/ has no README.md"
