@@ -110,7 +110,7 @@ def _resume_batches(jobs: dict, service: ModelService, retry_after: float):
 
     def done(future: asyncio.Future) -> None:
         if not future.cancelled() and future.exception() is None:
-            batches.resume_jobs(jobs, service.engine, retry_after)
+            batches.resume_jobs(jobs, service, retry_after)
 
     return done
 

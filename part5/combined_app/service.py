@@ -47,6 +47,7 @@ log = logging.getLogger("llmlab.server")
 # After an engine failure: how many times a new engine is loaded, and the pause between tries.
 RELOAD_ATTEMPTS = 3
 RELOAD_PAUSE_SECONDS = 1.0
+ENGINE_POLL_SECONDS = 0.2  # how often a batch job waiting for a new engine looks again
 
 
 class Generation:
@@ -188,11 +189,11 @@ class ModelService:
                 "A new engine serves %s again (%s slots).", self.model_id, self.engine.parallel
             )
             return
-        self.status = "error"
         self.error = (
             f"The model failed ({reason}) and no new engine could be loaded in "
             f"{RELOAD_ATTEMPTS} attempts: {problem}. Restart the server."
         )
+        self.status = "error"  # after the reason: whoever sees "error" reads this one
         log.critical("%s", self.error)
         self.on_fatal(self.error)
 
@@ -205,6 +206,21 @@ class ModelService:
             self._recovery.join()
         if self.engine is not None:
             self.engine.close()  # the engine a reload made (closing twice does nothing)
+
+    def wait_for_engine(
+        self, cancel: threading.Event, failed: Engine | None = None
+    ) -> Engine | None:
+        """The engine once the service is ready; after ``failed`` failed, the one loaded in
+        its place. ``None`` if none will come (no engine could be loaded, the server is
+        stopping) or ``cancel`` is set first. Blocking: batch jobs call it on their threads."""
+        while not (cancel.is_set() or self._stopping.is_set()):
+            engine = self.engine
+            if self.status == "error":
+                return None
+            if self.status == "ok" and engine is not None and engine is not failed:
+                return engine
+            cancel.wait(ENGINE_POLL_SECONDS)
+        return None
 
     def require_ready(self) -> Engine:
         """The engine, or a 503 that says the model is still loading or being reloaded

@@ -5,6 +5,7 @@ server script stops with exit code 1. Also: prompts are tokenized off the event 
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import threading
 import time
@@ -22,14 +23,15 @@ pytestmark = pytest.mark.slow
 CHAT = {"messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 4}
 
 
-def fail_next_decode(monkeypatch) -> None:
-    """The next ``llama_decode`` returns -1 (llama.cpp's "invalid batch"); later ones work."""
+def fail_next_decode(monkeypatch, when=lambda: True) -> None:
+    """The next ``llama_decode`` (the first one once ``when()`` is true) returns -1 (llama.cpp's
+    "invalid batch"); later ones work."""
     import llama_cpp
 
     real, failures = llama_cpp.llama_decode, [-1]
 
     def decode(ctx, batch):
-        return failures.pop() if failures else real(ctx, batch)
+        return failures.pop() if failures and when() else real(ctx, batch)
 
     monkeypatch.setattr(llama_cpp, "llama_decode", decode)
 
@@ -188,3 +190,77 @@ def test_prompts_are_tokenized_off_the_event_loop_under_the_model_lock(settings,
     assert {who for who, _, _ in seen} == {"engine", "embedder"}
     # (who, on the event loop, lock held) for every tokenization
     assert {(who, False, True) for who, _, _ in seen} == set(seen)
+
+
+BATCH = {
+    "prompts": [{"id": n, "prompt": f"Name a number above {n}."} for n in range(6)],
+    "max_tokens": 6,
+    "temperature": 0,
+}
+
+
+def fail_after_rows(monkeypatch, settings, rows: int) -> list[list[dict]]:
+    """Fail one decode once a batch job has written ``rows`` results; returns (filled in
+    then) the records the job's output held at that moment."""
+    seen: list[list[dict]] = []
+
+    def rows_written() -> bool:
+        for output in settings.batches_dir.glob("*/output.jsonl"):
+            lines = output.read_bytes().splitlines(keepends=True)
+            done = [json.loads(line) for line in lines if line.endswith(b"\n")]
+            if len(done) >= rows:
+                seen.append(done)
+                return True
+        return False
+
+    fail_next_decode(monkeypatch, when=rows_written)
+    return seen
+
+
+def batch_done(client, job_id: str) -> bool:
+    return client.get(f"/api/batches/{job_id}").json()["status"] not in ("queued", "running")
+
+
+def test_a_batch_job_running_when_the_engine_fails_goes_on_on_the_new_engine(settings, monkeypatch):
+    with TestClient(create_app(settings)) as client:
+        wait_until(lambda: healthy(client))
+        # parallel=2 gives a job one row in flight: the failure hits row 2 (0-based).
+        at_failure = fail_after_rows(monkeypatch, settings, rows=2)
+        job = client.post("/api/batches", json=BATCH).json()
+        wait_until(lambda: batch_done(client, job["id"]))
+        status = client.get(f"/api/batches/{job['id']}").json()
+        results = client.get(f"/api/batches/{job['id']}/results").json()["results"]
+        assert metric(client, "llmlab_engine_failures_total") == 1
+    assert [len(rows) for rows in at_failure] == [2]  # the engine failed mid-job
+    assert status["status"] == "completed", status
+    assert (status["completed"], status["failed"], status["error"]) == (6, 0, None)
+    assert [r["id"] for r in results] == list(range(6))  # none lost, none run twice
+    assert all(r["output"] and "error" not in r for r in results)
+    assert results[:2] == at_failure[0]  # rows finished before the failure are kept as they were
+
+
+def test_a_batch_job_is_kept_interrupted_when_no_new_engine_loads_and_resumes_next_run(
+    settings, monkeypatch
+):
+    stops: list[str] = []
+    with TestClient(create_app(settings, on_fatal=stops.append)) as client:
+        wait_until(lambda: healthy(client))
+        at_failure = fail_after_rows(monkeypatch, settings, rows=2)
+        patch_model_loads(monkeypatch)
+        job = client.post("/api/batches", json=BATCH).json()
+        wait_until(lambda: stops and batch_done(client, job["id"]))
+        status = client.get(f"/api/batches/{job['id']}").json()
+    assert status["status"] == "interrupted", status
+    assert status["completed"] == 2 and status["failed"] == 0
+    assert "no new engine could be loaded" in status["error"]
+    assert "resumes when the server starts again" in status["error"]
+
+    monkeypatch.undo()  # llama.cpp loads and decodes again: the next server run resumes the job
+    with TestClient(create_app(settings)) as client:
+        wait_until(lambda: batch_done(client, job["id"]) and healthy(client))
+        status = client.get(f"/api/batches/{job['id']}").json()
+        results = client.get(f"/api/batches/{job['id']}/results").json()["results"]
+    assert status["status"] == "completed", status
+    assert (status["completed"], status["failed"], status["error"]) == (6, 0, None)
+    assert [r["id"] for r in results] == list(range(6))
+    assert results[:2] == at_failure[0]

@@ -2,7 +2,7 @@
 
     POST   /api/batches               {"prompts": ["...", {"id": 7, "prompt": "..."}], "max_tokens": 64}
     GET    /api/batches               every job, newest first
-    GET    /api/batches/{id}          status: queued, running, completed, cancelled or failed
+    GET    /api/batches/{id}          status: queued, running, completed, cancelled, interrupted or failed
     GET    /api/batches/{id}/results  one record per finished prompt (as part3/batch_process.py writes)
     DELETE /api/batches/{id}          cancel a job that is still running
 
@@ -13,7 +13,9 @@ about it lives under ``$LLMLAB_HOME/server-batches/<id>/``: ``input.jsonl``, ``o
 ``job.json`` (parameters and status). A job that a stopped server left unfinished is
 ``interrupted``; the next server run lists it again and resumes it from the rows not yet
 written, so no finished row is lost or run twice (a damaged output line is logged and moved
-to ``output.jsonl.damaged``, and only its row runs again). A job that cannot be created
+to ``output.jsonl.damaged``, and only its row runs again). A job running when the engine
+fails goes on the same way on the new engine the server loads (if none loads, it is
+``interrupted`` and resumes on the next run). A job that cannot be created
 (text that is not valid Unicode, a full disk) leaves no folder behind.
 """
 
@@ -27,16 +29,19 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from llmlab import batch
 from llmlab.backends.base import GenerationParams
-from llmlab.engine import QueueFullError
+from llmlab.engine import Engine, EngineError, QueueFullError
 from part5.combined_app.errors import APIError, responses
 from part5.combined_app.schemas import BatchRequest, TextRoute
+
+if TYPE_CHECKING:
+    from part5.combined_app.service import ModelService
 
 router = APIRouter(prefix="/api/batches", tags=["batch"], route_class=TextRoute)
 log = logging.getLogger("llmlab.server")
@@ -160,52 +165,54 @@ def load_jobs(folder: Path) -> dict[str, BatchJob]:
     return jobs
 
 
-def start_job(job: BatchJob, engine: Any, retry_after: float) -> None:
-    """Run ``job`` in a background thread."""
+def start_job(job: BatchJob, service: ModelService, retry_after: float) -> None:
+    """Run ``job`` in a background thread, on the service's engine (and on the next one if
+    that one fails)."""
     job.thread = threading.Thread(
         target=run_job,
-        args=(job, engine, retry_after),
+        args=(job, service, retry_after),
         name=f"llmlab-{job.id}",
         daemon=True,
     )
     job.thread.start()
 
 
-def run_job(job: BatchJob, engine: Any, retry_after: float) -> None:
+def run_job(job: BatchJob, service: ModelService, retry_after: float) -> None:
     """Run every row of ``job`` not yet in its output (in a thread). A full queue pauses the
-    job; it never fails it. A row cut short by a shutdown is not written, so it runs again
-    when the job resumes."""
-    job.status = "running"
+    job; it never fails it. A row cut short by a shutdown or an engine failure is not
+    written: after a failure the job goes on on the new engine with the rows not yet
+    written; if no new engine loads, the job is ``interrupted`` and resumes next server run."""
+    job.status, job.error = "running", None
     job.save()
     rows = list(batch.read_inputs(job.input_path))
-    slots = max(1, engine.parallel - 1)
+    engine = service.wait_for_engine(job.cancel)
     try:
-        while not job.cancel.is_set():
+        while engine is not None and not job.cancel.is_set():
             done = job.recount().ids
             todo = [r for r in rows if batch.id_key(r.id) not in done]
             if not todo:
                 break
-            outcomes = batch.run_with_engine(
-                engine, todo, job.params, system=job.system, max_in_flight=slots
-            )
-            try:
-                with batch.OutputWriter(job.output_path) as out:
-                    for outcome in outcomes:
-                        if outcome.result and outcome.result.finish_reason == "interrupted":
-                            break  # the engine is closing: this row is not done
-                        out.write(outcome)
-                        job.completed += 1
-                        job.failed += outcome.error is not None
-                        if job.cancel.is_set():
-                            break
-            except QueueFullError:
-                job.cancel.wait(retry_after)  # interactive traffic has the queue: wait, resume
-            finally:
-                outcomes.close()  # cancels rows still in flight
+            if not _run_rows(job, engine, todo, retry_after):
+                log.warning(
+                    "Batch job %s: the model failed after %d of %d rows; the rest run on "
+                    "the new engine once it is loaded",
+                    job.id,
+                    job.completed,
+                    job.total,
+                )
+                engine = service.wait_for_engine(job.cancel, failed=engine)
         if job.stopping:
             job.status = "interrupted"
+        elif job.cancel.is_set():
+            job.status = "cancelled"
+        elif engine is None:
+            job.status = "interrupted"
+            job.error = (
+                f"{service.error} The finished rows are kept; the job resumes when the "
+                "server starts again."
+            )
         else:
-            job.status = "cancelled" if job.cancel.is_set() else "completed"
+            job.status = "completed"
     except Exception as exc:  # reported by the status route
         job.status, job.error = "failed", f"{type(exc).__name__}: {exc}"
     finally:
@@ -214,12 +221,43 @@ def run_job(job: BatchJob, engine: Any, retry_after: float) -> None:
         job.save()
 
 
-def resume_jobs(jobs: dict[str, BatchJob], engine: Any, retry_after: float) -> None:
+def _run_rows(
+    job: BatchJob, engine: Engine, todo: list[batch.InputRow], retry_after: float
+) -> bool:
+    """Run ``todo`` on ``engine``, writing each finished row at once; ``False`` if the engine
+    failed (the rows it cut short are not written, so they run again)."""
+    outcomes = batch.run_with_engine(
+        engine, todo, job.params, system=job.system, max_in_flight=max(1, engine.parallel - 1)
+    )
+    try:
+        with batch.OutputWriter(job.output_path) as out:
+            for outcome in outcomes:
+                if outcome.result is None and engine.failure is not None:
+                    return False  # this row's error is the engine's, not the row's
+                if outcome.result and outcome.result.finish_reason == "interrupted":
+                    break  # the engine is closing: this row is not done
+                out.write(outcome)
+                job.completed += 1
+                job.failed += outcome.error is not None
+                if job.cancel.is_set():
+                    break
+    except QueueFullError:
+        job.cancel.wait(retry_after)  # interactive traffic has the queue: wait, resume
+    except EngineError:  # refused: the engine failed (or is closing for a shutdown)
+        if engine.failure is None and not job.stopping:
+            raise
+        return False
+    finally:
+        outcomes.close()  # cancels rows still in flight
+    return True
+
+
+def resume_jobs(jobs: dict[str, BatchJob], service: ModelService, retry_after: float) -> None:
     """Start again every job an earlier server run left ``interrupted``."""
     for job in jobs.values():
         if job.status == "interrupted" and not job.stopping:
             log.info("Resuming batch job %s (%d of %d rows done)", job.id, job.completed, job.total)
-            start_job(job, engine, retry_after)
+            start_job(job, service, retry_after)
 
 
 def stop_jobs(jobs: dict[str, BatchJob]) -> None:
@@ -283,7 +321,7 @@ async def submit(body: BatchRequest, request: Request) -> JSONResponse:
     """Start a job; answers 202 at once with the job's id and status."""
     service = request.app.state.service
     settings = request.app.state.settings
-    engine = service.require_ready()
+    service.require_ready()
     if len(body.prompts) > settings.max_batch_prompts:
         raise APIError(
             400,
@@ -317,7 +355,7 @@ async def submit(body: BatchRequest, request: Request) -> JSONResponse:
     job = BatchJob(job_id, settings.batches_dir / job_id, len(records), params, body.system)
     _create(job, rows.encode("utf-8"))
     _jobs(request)[job_id] = job
-    start_job(job, engine, settings.retry_after)
+    start_job(job, service, settings.retry_after)
     return JSONResponse(job.to_dict(), 202)
 
 
