@@ -9,11 +9,16 @@ Any catalog entry with the ``embeddings`` capability can be named instead::
     query = embedder.embed_query("small cat")
 
 Vectors are normalised to length 1, so a dot product is the cosine similarity.
+An embedder may be shared between threads (a server's uploads and its ``/v1/embeddings``
+use the same one): it loads, embeds and counts tokens one call at a time, because a
+Hugging Face fast tokenizer used by two threads at once fails ("Already borrowed") or
+lets one call's truncation setting leak into the other.
 """
 
 from __future__ import annotations
 
 import functools
+import threading
 from typing import Any
 
 from llmlab import registry
@@ -22,7 +27,7 @@ from llmlab.settings import get_settings
 
 
 class Embedder:
-    """A sentence-transformers model, loaded on first use."""
+    """A sentence-transformers model, loaded on first use; thread-safe (see the module docstring)."""
 
     def __init__(self, spec: registry.ModelSpec, device: str = "auto", batch_size: int = 32):
         if "embeddings" not in spec.capabilities:
@@ -34,6 +39,7 @@ class Embedder:
         self.device = pick_device(device)
         self.batch_size = batch_size
         self._model: Any = None
+        self._lock = threading.Lock()  # held to load, embed and count tokens
 
     @property
     def name(self) -> str:
@@ -42,23 +48,30 @@ class Embedder:
 
     @property
     def model(self) -> Any:
-        """The loaded ``SentenceTransformer`` (loads it the first time)."""
-        if self._model is None:
-            from sentence_transformers import SentenceTransformer
-            from transformers.utils import logging as hf_logging
+        """The loaded ``SentenceTransformer`` (loads it the first time). Its tokenizer is not
+        thread-safe: use :meth:`embed_documents` and :meth:`count_tokens`, which take the lock."""
+        with self._lock:
+            return self._loaded()
 
-            path = self.spec.path or registry.resolve(self.spec).path
-            # transformers draws a "Loading weights" bar for a model that loads in a blink.
-            bars = hf_logging.is_progress_bar_enabled()
-            hf_logging.disable_progress_bar()
-            try:
-                self._model = SentenceTransformer(
-                    str(path), device=self.device, local_files_only=True
-                )
-            finally:
-                if bars:
-                    hf_logging.enable_progress_bar()
+    def _loaded(self) -> Any:
+        """The model, loaded if need be (the caller holds the lock)."""
+        if self._model is None:
+            self._model = self._load()
         return self._model
+
+    def _load(self) -> Any:
+        from sentence_transformers import SentenceTransformer
+        from transformers.utils import logging as hf_logging
+
+        path = self.spec.path or registry.resolve(self.spec).path
+        # transformers draws a "Loading weights" bar for a model that loads in a blink.
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        try:
+            return SentenceTransformer(str(path), device=self.device, local_files_only=True)
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
 
     @property
     def dimensions(self) -> int:
@@ -73,14 +86,29 @@ class Embedder:
         """Vectors for many texts (batched), each of length 1."""
         if not texts:
             return []
-        vectors = self.model.encode(
-            texts, batch_size=self.batch_size, normalize_embeddings=True, show_progress_bar=False
-        )
+        with self._lock:
+            vectors = self._loaded().encode(
+                texts,
+                batch_size=self.batch_size,
+                normalize_embeddings=True,
+                show_progress_bar=False,
+            )
         return vectors.tolist()
+
+    def count_tokens(self, texts: list[str]) -> int:
+        """How many tokens ``texts`` are in all, special tokens included and before the
+        model's truncation (what an OpenAI-style ``usage`` reports)."""
+        if not texts:
+            return 0
+        with self._lock:
+            return sum(len(ids) for ids in self._loaded().tokenizer(texts)["input_ids"])
 
     def embed_query(self, text: str) -> list[float]:
         """The vector of one search query."""
         return self.embed_documents([text])[0]
+
+
+_cache_lock = threading.Lock()  # two threads asking at once get the same embedder
 
 
 @functools.lru_cache(maxsize=4)
@@ -91,11 +119,13 @@ def _cached(ref: str, device: str) -> Embedder:
 def get_embedder(name: str | None = None, device: str | None = None) -> Embedder:
     """The embedder for a catalog name (default: ``settings.embedding_model``), shared per process.
 
-    Loading a model takes seconds, so the same name and device return the same object.
+    Loading a model takes seconds, so the same name and device return the same object
+    (safe to share between threads).
 
     Raises:
         registry.RegistryError: unknown name, model not installed, or not an embedding model.
     """
     settings = get_settings()
     spec = registry.find(name or settings.embedding_model, settings)
-    return _cached(spec.ref, device or settings.device)
+    with _cache_lock:
+        return _cached(spec.ref, device or settings.device)

@@ -113,10 +113,6 @@ class ModelService:
         self.error: str | None = None
         self.spec: registry.ModelSpec | None = None
         self.engine: Engine | None = None
-        self._embedders: dict[str, Any] = {}
-        # Loads and uses of embedding models, one at a time: a Hugging Face fast tokenizer
-        # shared between threads fails ("Already borrowed") or loses its truncation setting.
-        self._embed_lock = threading.Lock()
         self._stopping = threading.Event()
         self._recovery: threading.Thread | None = None
         self.on_rejected: Callable[[], Any] = lambda: None  # the app counts 503s here
@@ -381,20 +377,15 @@ class ModelService:
             )
         from llmlab.rag.embeddings import get_embedder
 
-        with self._embed_lock:  # one load at a time; later calls reuse it
-            if spec.ref not in self._embedders:
-                embedder = get_embedder(spec.ref)
-                embedder.model  # noqa: B018 - load the weights now, inside the lock
-                self._embedders[spec.ref] = embedder
-        return self._embedders[spec.ref]
+        embedder = get_embedder(spec.ref)  # the one document uploads use too
+        embedder.model  # noqa: B018 - load the weights now (the first call loads, later ones wait)
+        return embedder
 
     def embed(self, embedder: Any, texts: list[str]) -> tuple[list[list[float]], int]:
         """Unit vectors for ``texts`` and how many tokens they are (blocking: routes call it
-        with ``run_in_threadpool``); one embedding at a time, see ``_embed_lock``."""
-        with self._embed_lock:
-            vectors = embedder.embed_documents(texts)
-            tokens = sum(len(ids) for ids in embedder.model.tokenizer(texts)["input_ids"])
-        return vectors, tokens
+        with ``run_in_threadpool``). The embedder takes its own lock, so this and a document
+        upload never use its tokenizer at once."""
+        return embedder.embed_documents(texts), embedder.count_tokens(texts)
 
     @property
     def embedding_model_id(self) -> str:

@@ -174,12 +174,12 @@ def test_prompts_are_tokenized_off_the_event_loop_under_the_model_lock(settings,
     app = create_app(settings)
     with TestClient(app) as client:
         wait_until(lambda: healthy(client))
-        service = app.state.service
-        tokenizer_type = type(service.embedder(None).model.tokenizer)
+        embedder = app.state.service.embedder(None)
+        tokenizer_type = type(embedder.model.tokenizer)
         real_call = tokenizer_type.__call__
 
         def call(tokenizer, *args, **kwargs):
-            seen.append(("embedder", on_event_loop(), service._embed_lock.locked()))
+            seen.append(("embedder", on_event_loop(), embedder._lock.locked()))
             return real_call(tokenizer, *args, **kwargs)
 
         monkeypatch.setattr(tokenizer_type, "__call__", call)
