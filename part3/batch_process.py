@@ -218,13 +218,8 @@ def _check_paths(args: argparse.Namespace) -> str | None:
 
 def _check_model(name: str | None) -> str | None:
     """Why ``--model`` cannot be used (a file path instead of a catalog name), or ``None``."""
-    if not name or not (name.endswith(".gguf") or "/" in name):
-        return None
-    what = "is a file, not a catalog name" if Path(name).expanduser().exists() else "does not exist"
-    return (
-        f"error: --model {name} {what}. Models are named from the catalog: add your GGUF file "
-        f"with {registry.CLI} add PATH --name NAME, then use --model NAME."
-    )
+    problem = registry.path_instead_of_name(name)
+    return f"error: --model {problem}" if problem else None
 
 
 def _finished_ids(output: Path) -> set[str]:

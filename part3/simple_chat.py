@@ -237,13 +237,9 @@ def load_model(args: argparse.Namespace, name: str | None) -> Backend:
     remote = backends.canonical_backend(args.backend) == "openai" or bool(args.base_url)
     if not remote:
         options["threads"] = args.threads  # servers choose their own threads
-        if name and (name.endswith(".gguf") or "/" in name):
-            path = Path(name).expanduser()
-            what = "is a file, not a catalog name" if path.exists() else "does not exist"
-            raise BackendError(
-                f"{name} {what}. Models are named from the catalog: add your GGUF file with "
-                f"python part5/model_registry.py add PATH, then use --model NAME."
-            )
+        problem = registry.path_instead_of_name(name)
+        if problem:
+            raise BackendError(problem)
     model = backends.load(name, backend=args.backend, **options)
     # Backends load lazily; do it now so a bad file or an unreachable server shows up
     # before the user has typed anything.

@@ -18,7 +18,8 @@ is ``python part5/model_registry.py``.
 Everything is importable from here; the code lives in short modules:
 
 - ``spec``: :class:`ModelSpec`, :class:`Source` and the errors (all :class:`RegistryError`)
-- ``catalogs``: reading and merging the catalogs, :func:`find`, saving user entries
+- ``catalogs``: reading and merging the catalogs, :func:`find`, saving user entries,
+  :func:`path_instead_of_name` (a file path given where a name goes)
 - ``files``: local paths, :func:`status`, checksums, :func:`verify`, :func:`resolve`
 - ``downloads``: Hugging Face URLs, :func:`download` with resume, :func:`pull`
 - ``gguf_info``: :func:`read_gguf_info`, a fast reader of GGUF headers
@@ -33,6 +34,7 @@ from llmlab.registry.catalogs import (
     catalog,
     default_spec,
     find,
+    path_instead_of_name,
     save_user_entry,
 )
 from llmlab.registry.catalogs import _read_catalog as _read_catalog  # used by the tests
@@ -108,6 +110,7 @@ __all__ = [
     "local_path",
     "missing_hint",
     "package_dir",
+    "path_instead_of_name",
     "pull",
     "read_gguf_info",
     "recommend",

@@ -118,6 +118,18 @@ def find(name: str, settings: Settings | None = None) -> ModelSpec:
     )
 
 
+def path_instead_of_name(name: str | None) -> str | None:
+    """What to tell a user who gave a file path (``*.gguf`` or anything with ``/``) where a
+    catalog name goes, e.g. ``--model``; ``None`` when ``name`` is not a path."""
+    if not name or not (name.endswith(".gguf") or "/" in name):
+        return None
+    what = "is a file, not a catalog name" if Path(name).expanduser().exists() else "does not exist"
+    return (
+        f"{name} {what}. Models are named from the catalog: add your GGUF file with "
+        f"{CLI} add PATH --name NAME, then use --model NAME."
+    )
+
+
 def _suggest(name: str, known: list[str], n: int = 3) -> list[str]:
     """Close matches for a mistyped name, also when only its beginning was typed (``smolm2``)."""
 

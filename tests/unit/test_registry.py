@@ -99,6 +99,21 @@ def test_unknown_name_without_a_close_match_lists_what_exists():
     assert "Did you mean" not in str(info.value)
 
 
+def test_a_file_path_given_as_a_model_name_is_told_how_to_add_it(tmp_path):
+    model = tmp_path / "mine.gguf"
+    assert registry.path_instead_of_name(None) is None
+    assert registry.path_instead_of_name("smollm2-135m-instruct:q4_1") is None
+    assert registry.path_instead_of_name(str(model)) == (
+        f"{model} does not exist. Models are named from the catalog: add your GGUF file with "
+        "python part5/model_registry.py add PATH --name NAME, then use --model NAME."
+    )
+    model.write_bytes(b"GGUF")
+    assert registry.path_instead_of_name(str(model)).startswith(
+        f"{model} is a file, not a catalog name. "
+    )
+    assert "does not exist" in registry.path_instead_of_name("models/other")  # any path
+
+
 def test_user_entries_are_merged_over_builtins(lab_home):
     builtin = registry.find("qwen2.5-0.5b-instruct")
     registry.save_user_entry(builtin.model_copy(update={"description": "my notes"}))
