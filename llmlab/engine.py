@@ -73,7 +73,7 @@ from llmlab.backends.base import (
     Timings,
     Usage,
 )
-from llmlab.backends.llamacpp import gguf_chat_formatter
+from llmlab.backends.llamacpp import gguf_chat_formatter, load_error
 from llmlab.backends.local import StopMatcher
 from llmlab.chat import PARAM_RANGES, check_param
 from llmlab.settings import get_settings
@@ -458,7 +458,7 @@ class Engine:
         mparams.n_gpu_layers = gpu_layers
         self._model = ll.llama_model_load_from_file(str(self.spec.path).encode(), mparams)
         if not self._model:
-            raise EngineError(f"llama.cpp could not load {self.spec.ref} from {self.spec.path}.")
+            raise load_error(self.spec)  # worded as the llama.cpp backend words it
         cparams = ll.llama_context_default_params()
         cparams.n_ctx = self.n_ctx * self.parallel
         cparams.n_batch = self.n_batch

@@ -53,6 +53,19 @@ def gguf_chat_formatter(template: str, eos_text: str, bos_text: str, add_generat
     )
 
 
+def load_error(spec: ModelSpec, exc: Exception | None = None) -> BackendError:
+    """What to say when llama.cpp cannot load ``spec``'s file, and what to do: the backend's
+    and the engine's words. ``exc`` is llama-cpp-python's error; ``None`` means llama.cpp
+    returned no model (all the engine, which calls it directly, learns)."""
+    try:  # say what is wrong with the file when its header shows it
+        read_gguf_info(spec.path)
+    except RegistryError as bad:
+        return BackendError(f"llama.cpp could not load {spec.ref}: {bad}")
+    if exc is None:  # what llama-cpp-python raises for that, so both say the same
+        exc = ValueError(f"Failed to load model from file: {spec.path}")
+    return wrap_load_error(spec, "llama.cpp", exc)
+
+
 class LlamaCppBackend(LocalBackend):
     """A GGUF model run by llama.cpp (through llama-cpp-python)."""
 
@@ -111,11 +124,7 @@ class LlamaCppBackend(LocalBackend):
         except (ValueError, RuntimeError, OSError) as exc:
             if "llama_context" in str(exc):  # the weights loaded; the context did not fit
                 raise self._context_error() from exc
-            try:  # say what is wrong with the file when its header shows it
-                read_gguf_info(self.spec.path)
-            except RegistryError as bad:
-                raise BackendError(f"llama.cpp could not load {self.spec.ref}: {bad}") from exc
-            raise wrap_load_error(self.spec, "llama.cpp", exc) from exc
+            raise load_error(self.spec, exc) from exc
         if "tokenizer.chat_template" in self._llm.metadata:
             # llama-cpp-python may map a known template to a built-in format (e.g. chatml,
             # which lacks SmolLM2's default system prompt); insist on the file's own.

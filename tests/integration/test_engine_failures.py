@@ -8,6 +8,8 @@ import threading
 
 import pytest
 
+from llmlab import backends, registry
+from llmlab.backends.base import BackendError
 from llmlab.engine import Engine, EngineError, Request
 
 pytestmark = pytest.mark.slow
@@ -146,3 +148,25 @@ def test_out_of_range_sampling_is_refused_at_submit_and_the_engine_goes_on(param
             engine.submit(chat(QUESTIONS[0], max_tokens=4, **params))
         reply = engine.submit(chat(QUESTIONS[1], max_tokens=4, temperature=0)).result(120)
         assert reply.usage.completion_tokens == 4
+
+
+def test_a_file_llama_cpp_cannot_load_gets_the_same_advice_from_the_engine_as_the_backend(
+    tmp_path,
+):
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"\x00junk" * 1000)
+    registry.save_user_entry(
+        registry.ModelSpec(
+            name="junk",
+            format="gguf",
+            capabilities=["chat"],
+            source=registry.Source(kind="path", path=str(junk)),
+            user=True,
+        )
+    )
+    with pytest.raises(BackendError) as by_backend:
+        backends.load("junk", backend="llama.cpp").count_tokens("hello")
+    with pytest.raises(BackendError) as by_engine:
+        Engine("junk", parallel=1, threads=1)
+    assert str(by_engine.value) == str(by_backend.value)
+    assert f"could not load junk:latest: {junk} is not a GGUF model file" in str(by_engine.value)
