@@ -107,11 +107,18 @@ def write_full_precision(
     reader = gguf.GGUFReader(str(src), "r")
     arch = reader.get_field("general.architecture").contents()
     with _written_as_partial(dst) as tmp:
-        _write_dequantized(reader, arch, tmp, dst.name, progress)
+        _write_dequantized(reader, arch, tmp, dst.name, progress, update)
     return dst
 
 
-def _write_dequantized(reader: Any, arch: str, tmp: Path, name: str, progress: Progress) -> None:
+def _write_dequantized(
+    reader: Any,
+    arch: str,
+    tmp: Path,
+    name: str,
+    progress: Progress,
+    update: Callable[[str, Any], Any] | None = None,
+) -> None:
     import gguf
     import numpy as np
 

@@ -350,7 +350,7 @@ CASES = {
             Step(
                 ["in.txt", *OUT, "--model", "junk"],
                 2,
-                ["junk.gguf is not a GGUF model file", "Convert it to GGUF"],
+                ["junk.gguf is not a GGUF model file", "Convert the model to GGUF"],
             ),
             Step(
                 ["in.txt", *OUT, "--model", "junk", "--engine", "sequential"],

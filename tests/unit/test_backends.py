@@ -133,7 +133,8 @@ def test_corrupt_user_model_file_gives_a_backend_error_saying_what_to_do(tmp_pat
     )
     model = backends.load(spec, backend="llama.cpp")
     with pytest.raises(
-        backends.BackendError, match=r"could not load broken:local.*corrupt.*Re-add it"
+        backends.BackendError,
+        match=r"could not load broken:local.*truncated or damaged.*copy or download it again",
     ):
         model.chat([{"role": "user", "content": "hi"}], max_tokens=2)
     assert model.loaded is False
