@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOK_DIR = ROOT / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 KERNEL = "python3"
+SANITIZE = Path(__file__).with_name("nbval_sanitize.cfg")  # install paths in recorded outputs
 ids = [p.stem for p in NOTEBOOKS]
 
 
@@ -110,7 +111,18 @@ def test_notebook_follows_the_course_conventions(path):
 def test_notebook_runs_under_nbval(path, kernel_env):
     before = snapshot(NOTEBOOK_DIR)
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "--nbval-lax", "-p", "no:cacheprovider", "-q", str(path)],
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "--nbval-lax",
+            "--nbval-sanitize-with",
+            str(SANITIZE),
+            "-p",
+            "no:cacheprovider",
+            "-q",
+            str(path),
+        ],  # fmt: skip
         cwd=ROOT,
         env={**os.environ, **kernel_env},
         capture_output=True,
