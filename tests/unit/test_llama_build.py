@@ -215,7 +215,9 @@ def test_a_hung_child_is_a_timeout():
 # --------------------------------------------------------------------------- repair
 
 
-def test_a_crash_rebuilds_without_amx_says_why_and_is_remembered(lab_home, monkeypatch):
+def amx_xeon(monkeypatch):
+    """Pretend this is an AMX Xeon; returns (the feature lists built, in order, and a fake
+    installer that records each and names its build ``lib-N``)."""
     monkeypatch.setattr(llama_build, "cpu_flags", lambda: frozenset(AMX_CPU))
     monkeypatch.setattr(llama_build, "is_x86", lambda: True)
     built: list[list[str]] = []
@@ -223,6 +225,12 @@ def test_a_crash_rebuilds_without_amx_says_why_and_is_remembered(lab_home, monke
     def installer(features, extra_args, say):
         built.append(features)
         return llama_build.BuildRecord("k", "0.3.36", "w.whl", [], features, f"lib-{len(built)}")
+
+    return built, installer
+
+
+def test_a_crash_rebuilds_without_amx_says_why_and_is_remembered(lab_home, monkeypatch):
+    built, installer = amx_xeon(monkeypatch)
 
     def prober(model):  # the AMX build dies as on a Sapphire Rapids Xeon; the rest works
         return llama_build.probe(
@@ -248,13 +256,7 @@ def test_a_crash_rebuilds_without_amx_says_why_and_is_remembered(lab_home, monke
 
 
 def test_crashes_walk_the_fallbacks_then_stop(lab_home, monkeypatch):
-    monkeypatch.setattr(llama_build, "cpu_flags", lambda: frozenset(AMX_CPU))
-    monkeypatch.setattr(llama_build, "is_x86", lambda: True)
-    built: list[list[str]] = []
-
-    def installer(features, extra_args, say):
-        built.append(features)
-        return llama_build.BuildRecord("k", "0.3.36", "w.whl", [], features, f"lib-{len(built)}")
+    built, installer = amx_xeon(monkeypatch)
 
     verdict = llama_build.repair(
         amx=True,
