@@ -101,6 +101,11 @@ CELLS = [
     display(Markdown(envcheck.as_markdown([probe])))
     LLAMA_WORKS = probe.status == envcheck.OK
     """),
+    code("""
+    # NBVAL_CHECK_OUTPUT
+    print(probe.name, probe.status)
+    print("sets the build uses that this CPU lacks:", llama_build.missing_on_cpu(build_info))
+    """),
     md("""
     The verdict is remembered per build and CPU (under `LLMLAB_HOME/llama-builds/`), so the
     programs can refuse a build known to crash with a clear message instead of dying.
@@ -194,6 +199,33 @@ CELLS = [
         print(f"[{c.status}] {c.name}: {c.detail}\\n    fix: {c.fix}")
     if not any(c.status == envcheck.FAIL for c in checks):
         print("No check failed: this machine is ready. Next: 02_Tokens_and_Generation.ipynb")
+    """),
+    md("""
+    ## Exercise: would this build run here?
+
+    Write `missing_sets(build, cpu_flags)`: given the features a llama.cpp build was compiled
+    with (llama.cpp's names, as in the llama.cpp row: `AVX2`, `AVX512`, ...) and a CPU's flags
+    (Linux's names, as in `/proc/cpuinfo`: `avx2`, `avx512f`, ...), return the build's features
+    the CPU lacks, in the build's order. `llama_build.SYSTEM_INFO_FLAGS` maps one name to the
+    other. Any non-empty answer means "Illegal instruction" sooner or later. The cell below
+    holds a worked solution; replace its body with your own and run the checks.
+    """),
+    code("""
+    def missing_sets(build, cpu_flags):
+        flags = set(cpu_flags)
+        return [f for f in build if f in llama_build.SYSTEM_INFO_FLAGS
+                and llama_build.SYSTEM_INFO_FLAGS[f] not in flags]
+
+
+    laptop = {"sse4_2", "avx", "avx2", "fma", "f16c"}  # an AVX2-only laptop
+    assert missing_sets(["AVX", "AVX2", "FMA"], laptop) == []
+    assert missing_sets(["AVX2", "AVX512", "AVX512_VNNI"], laptop) == ["AVX512", "AVX512_VNNI"]
+    assert missing_sets(["AVX2", "REPACK"], laptop) == []  # not an instruction set: never missing
+    # The same answer as the lab's own check, for this machine's build:
+    assert missing_sets(llama_build.build_features(build_info), llama_build.cpu_flags()) == (
+        llama_build.missing_on_cpu(build_info)
+    )
+    print("all checks passed")
     """),
     md("""
     The same checks from a terminal (add `--json` for a machine-readable list, and
