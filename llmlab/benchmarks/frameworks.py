@@ -7,7 +7,7 @@ transformers (fp32 on CPU, fp16 on a GPU) and bitsandbytes 8-bit where it runs::
 Figures per engine: load time, time to first token (prompt processing plus one step), decode
 tokens/s, and the resident memory added by loading and generating; then llama.cpp's and
 transformers' decode speed with 1..N threads. Ratios are against llama.cpp measured in the
-same run. Notebook 08 reads these rows from ``bench-results/bench.json``.
+same run. Notebook 09 reads these rows from ``bench-results/bench.json``.
 """
 
 from __future__ import annotations

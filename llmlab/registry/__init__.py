@@ -51,7 +51,7 @@ from llmlab.registry.files import (
     verify,
 )
 from llmlab.registry.gguf_info import GGUFInfo, read_gguf_info
-from llmlab.registry.gguf_info import (  # used by quantize.py, notebook 07, tests
+from llmlab.registry.gguf_info import (  # used by quantize.py, notebook 08, tests
     _header_reader_class as _header_reader_class,
 )
 from llmlab.registry.memory import (

@@ -1,4 +1,4 @@
-"""The frameworks bench suite (``make bench``) measures what notebook 08 plots, with ratios."""
+"""The frameworks bench suite (``make bench``) measures what notebook 09 plots, with ratios."""
 
 from __future__ import annotations
 
