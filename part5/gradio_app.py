@@ -380,8 +380,12 @@ def build_app(lab: InProcessLab | ServerLab, concurrency: int = 1):
             )
         with gr.Tab("Documents"):
             collection = gr.Textbox(DEFAULT_COLLECTION, label="Collection")
+            # No file_types filter: Gradio would refuse other types with its own message;
+            # check_upload_names() says which file it is and what the loader reads.
             files = gr.File(
-                file_count="multiple", file_types=DOCUMENT_TYPES, type="filepath", label="Files"
+                file_count="multiple",
+                type="filepath",
+                label=f"Files ({', '.join(DOCUMENT_TYPES)})",
             )
             add_button = gr.Button("Add documents")
             report = gr.Markdown()
