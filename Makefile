@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 # Extra CMake flags go in CMAKE_ARGS, e.g. make setup CMAKE_ARGS="-DGGML_CUDA=on";
 # LLMLAB_LLAMA_AMX=1 make setup tries ggml's AMX kernels (dropped again if they crash).
 
-.PHONY: help setup chat lab serve test lint format bench notebooks clean
+.PHONY: help setup chat lab serve gradio test lint format bench notebooks clean
 
 help:
 	@echo "make chat       create .venv, install, chat with the default model"
@@ -22,6 +22,7 @@ help:
 	@echo "make setup      create .venv and install the pinned requirements"
 	@echo "make lab        start JupyterLab on the notebooks"
 	@echo "make serve      start the web app and OpenAI-compatible API"
+	@echo "make gradio     start the Gradio app (chat and documents, model in process)"
 	@echo "make lint       ruff check and format check"
 	@echo "make bench      measure speed; writes bench-results/"
 	@echo "make notebooks  re-execute the notebooks in place (refresh their outputs)"
@@ -49,6 +50,9 @@ lab: setup
 
 serve: setup
 	$(PY) part5/combined_app/scripts/server.py
+
+gradio: setup
+	$(PY) part5/gradio_app.py
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -364,7 +364,8 @@ def build_app(lab: InProcessLab | ServerLab, concurrency: int = 1):
     def ask(collection, question):
         return ask_documents(lab, collection, question)
 
-    with gr.Blocks(title="Local LLM Lab") as app:
+    # analytics off: the lab works offline and sends nothing anywhere
+    with gr.Blocks(title="Local LLM Lab", analytics_enabled=False) as app:
         gr.Markdown(f"# Local LLM Lab\nModel: {lab.description}.")
         with gr.Tab("Chat"):
             gr.ChatInterface(
@@ -376,6 +377,7 @@ def build_app(lab: InProcessLab | ServerLab, concurrency: int = 1):
                 ],
                 additional_inputs_accordion=gr.Accordion("Settings", open=False),
                 api_name="chat",
+                analytics_enabled=False,
                 **queue,
             )
         with gr.Tab("Documents"):
