@@ -18,6 +18,7 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from gradio_client.utils import Status
 
+from llmlab.rag import NOT_FOUND
 from part5 import gradio_app
 from part5.combined_app import ServerSettings
 from part5.combined_app.background import running_server
@@ -117,6 +118,10 @@ def test_an_uploaded_file_answers_a_question_and_is_cited(in_process):
     assert sources["headers"] == gradio_app.SOURCE_COLUMNS
     assert sources["data"] and {row[1] for row in sources["data"]} == {"history.txt"}
     assert sources["data"][0][0] == 1
+    # A question the documents do not answer: said so, with no sources (and no model call).
+    answer, sources = client.predict("makerspace", "What is the capital of Peru?", api_name="/ask")
+    assert answer == NOT_FOUND
+    assert [row for row in sources["data"] if any(row)] == []
 
 
 def test_an_empty_question_gets_a_message(in_process):
