@@ -31,6 +31,24 @@ past that prefix are cleared and only the rest of the prompt is prefilled (a cha
 template's system prompt, or the earlier turns of a conversation, are computed once).
 ``prefix_cache=False`` clears a sequence's cells as soon as it finishes.
 
+``usage.cached_tokens`` of a result says how many prompt tokens the prefix cache saved
+(0 on a cold request).
+
+Several choices of one prompt (OpenAI's ``n``): ``engine.submit_choices(request, n)``
+prefills the prompt once, copies its KV cells to ``n - 1`` more sequences
+(``llama_memory_seq_cp``) and samples each on its own (choice ``i`` with ``seed + i``).
+
+Logprobs: ``Request.chat(..., logprobs=N)`` gives each generated token's log-probability
+and the N most likely tokens at that step (``chunk.logprobs`` for the tokens whose text is
+in that chunk, ``result.logprobs`` for all); they come from the model's raw scores, before
+sampling settings. With ``logprobs=None`` (the default) nothing extra is computed.
+
+LoRA adapters per request, as llama.cpp's server does: ``Engine(adapters={"style": path})``
+loads GGUF adapters once, and ``Request.chat(..., lora={"style": 1.0})`` picks some.
+llama.cpp applies adapters to a whole context, not to one sequence, so one ``llama_decode``
+only carries sequences with the same adapter set; the sets take turns step by step (none
+starves), and a cached prefix is only reused under the adapters it was computed with.
+
 Greedy output (``temperature=0``) is bit-for-bit the same whether a request runs alone or
 beside others: each sequence has its own KV stream (``kv_unified=False``) and prompts are
 prefilled one sequence per ``llama_decode`` call, so no sequence's numbers depend on its
@@ -52,7 +70,9 @@ from __future__ import annotations
 import codecs
 import collections
 import ctypes
+import dataclasses
 import logging
+import os
 import queue
 import threading
 import time
@@ -71,6 +91,8 @@ from llmlab.backends.base import (
     Message,
     Result,
     Timings,
+    TokenLogprob,
+    TopLogprob,
     Usage,
 )
 from llmlab.backends.llamacpp import gguf_chat_formatter, load_error
@@ -94,24 +116,66 @@ class QueueFullError(EngineError):
 
 @dataclass
 class Request:
-    """What to generate: a chat (``messages``, rendered with the model's template) or raw ``prompt``."""
+    """What to generate: a chat (``messages``, rendered with the model's template) or raw ``prompt``.
+
+    ``logprobs``: ``None`` (off) or 0..20: each generated token comes with its log-probability
+    and the ``logprobs`` most likely tokens at that step. They are the log-softmax of the
+    model's raw logits for the step, before the repeat penalty, the grammar, temperature,
+    top-k and top-p (so they describe the model, not the sampler). Off costs nothing.
+
+    ``lora``: ``{"adapter name": scale}`` of adapters the engine loaded
+    (``Engine(adapters=...)``); ``None`` or ``{}`` runs the base model.
+    """
 
     messages: list[Message] | None = None
     prompt: str | None = None
     params: GenerationParams = field(default_factory=GenerationParams)
     grammar: str | None = None  # GBNF text (rule ``root``): only tokens it allows are sampled
+    logprobs: int | None = None
+    lora: dict[str, float] | None = None
 
     @classmethod
-    def chat(cls, messages: list[Message], grammar: str | None = None, **params) -> Request:
+    def chat(
+        cls,
+        messages: list[Message],
+        grammar: str | None = None,
+        *,
+        logprobs: int | None = None,
+        lora: dict[str, float] | None = None,
+        **params,
+    ) -> Request:
         """A chat request, e.g. ``Request.chat(msgs, max_tokens=64, temperature=0)``."""
         return cls(
-            messages=messages, params=GenerationParams.from_kwargs(**params), grammar=grammar
+            messages=messages,
+            params=GenerationParams.from_kwargs(**params),
+            grammar=grammar,
+            logprobs=logprobs,
+            lora=lora,
         )
 
     @classmethod
-    def completion(cls, prompt: str, grammar: str | None = None, **params) -> Request:
+    def completion(
+        cls,
+        prompt: str,
+        grammar: str | None = None,
+        *,
+        logprobs: int | None = None,
+        lora: dict[str, float] | None = None,
+        **params,
+    ) -> Request:
         """A raw-text continuation (no chat template)."""
-        return cls(prompt=prompt, params=GenerationParams.from_kwargs(**params), grammar=grammar)
+        return cls(
+            prompt=prompt,
+            params=GenerationParams.from_kwargs(**params),
+            grammar=grammar,
+            logprobs=logprobs,
+            lora=lora,
+        )
+
+
+MAX_LOGPROBS = 20  # the most alternatives a token may list (OpenAI's limit)
+
+AdapterSet = tuple[tuple[str, float], ...]  # (name, scale) pairs, sorted; () is the base model
 
 
 _DONE = object()  # end of a handle's chunk stream
@@ -127,11 +191,18 @@ class Handle:
         params: GenerationParams,
         on_chunk: Callable[[Chunk], None] | None,
         grammar: Grammar | None = None,
+        *,
+        logprobs: int | None = None,
+        adapters: AdapterSet = (),
+        index: int = 0,
     ):
         self.id = request_id
         self.prompt_tokens = prompt_tokens
         self.params = params
         self.grammar = grammar
+        self.logprobs = logprobs
+        self.adapters = adapters
+        self.index = index  # which choice of its prompt (``Engine.submit_choices``)
         self.submitted = time.perf_counter()
         self._on_chunk = on_chunk
         self._chunks: queue.SimpleQueue = queue.SimpleQueue()
@@ -190,6 +261,7 @@ class Handle:
     # --- called by the engine thread ------------------------------------------------
 
     def _emit(self, chunk: Chunk) -> None:
+        chunk.index = self.index
         self._chunks.put(chunk)
         if self._callback_error is None:
             self._call_back(chunk)
@@ -224,7 +296,7 @@ class Handle:
             self.grammar.free()
         self._result, self._error = result, error
         if error is not None:
-            self._call_back(Chunk("", "error"))
+            self._call_back(Chunk("", "error", index=self.index))
         self._chunks.put(_DONE)
         self._done.set()
 
@@ -298,7 +370,9 @@ class _Sequence:
         self.seq_id = seq_id
         self.params = handle.params
         self.prompt = handle.prompt_tokens
+        self.adapters = handle.adapters
         self.n_past = 0  # tokens of this sequence already in the KV cache
+        self.cached = 0  # prompt tokens the prefix cache saved
         self.generated: list[int] = []
         self.next_token: int | None = None  # sampled, not yet decoded
         self.text = ""  # completion text shown so far (after stop-string holding)
@@ -307,15 +381,81 @@ class _Sequence:
         self.rng = np.random.default_rng(self.params.seed)
         self.started = time.perf_counter()
         self.first_token_at: float | None = None
+        # Several choices of one prompt: the source prefills it, then its KV cells are
+        # copied to each follower, which waits (neither prefilling nor decoding) till then.
+        self.source: _Sequence | None = None
+        self.followers: list[_Sequence] = []
+        # Logprobs (only when asked for): every token shown so far, and the tokens whose
+        # text is not shown yet, with where their text starts and ends in the decoded text
+        # (end None: the token ended inside a UTF-8 character, completed by a later token).
+        self.logprobs: list[TokenLogprob] | None = [] if handle.logprobs is not None else None
+        self._pending: list[list] = []  # [start, end, TokenLogprob]
+        self._decoded = 0  # characters decoded so far
 
     @property
     def prefilling(self) -> bool:
-        return self.n_past < len(self.prompt)
+        return self.source is None and self.n_past < len(self.prompt)
+
+    def track(self, entry: TokenLogprob, piece: str) -> None:
+        """Note a generated token's logprob and how much text (``piece``) its bytes decoded to."""
+        start = self._decoded
+        self._pending.append([start, None, entry])
+        if piece:
+            self._decoded += len(piece)
+            for pending in self._pending:
+                if pending[1] is None:
+                    pending[1] = self._decoded
+
+    def release(self, final: bool = False, hit: bool = False) -> list[TokenLogprob] | None:
+        """The logprobs of the tokens whose text is now shown (``self.text``); at the end
+        (``final``) all the rest, or after a stop string (``hit``) those whose text is at
+        least partly before it. ``None`` when logprobs are off."""
+        if self.logprobs is None:
+            return None
+        shown = len(self.text)
+        if final and not hit:
+            done = self._pending
+        elif final:
+            done = [p for p in self._pending if p[0] < shown]
+        else:
+            done = [p for p in self._pending if p[1] is not None and p[1] <= shown]
+        self._pending = [] if final else self._pending[len(done) :]
+        entries = [entry for _, _, entry in done]
+        self.logprobs += entries
+        return entries
 
 
 def _unstarted(reason: str, handle: Handle) -> Result:
     """The result of a request that ended before it decoded anything."""
-    return Result("", reason, Usage(len(handle.prompt_tokens), 0), Timings())
+    logprobs = [] if handle.logprobs is not None else None
+    return Result("", reason, Usage(len(handle.prompt_tokens), 0), Timings(), logprobs)
+
+
+def next_group(groups: list[AdapterSet], last: AdapterSet | None) -> AdapterSet:
+    """The adapter set whose sequences the next decode step carries: the one after ``last``
+    in sorted order, round the circle, so every group gets a step in turn (none starves)."""
+    ordered = sorted(groups)
+    if last is None:
+        return ordered[0]
+    return next((g for g in ordered if g > last), ordered[0])
+
+
+def token_logprob(logits: np.ndarray, token: int, top: int, piece: Callable[[int], bytes]):
+    """``token``'s log-probability under ``logits`` (log-softmax of the raw row) and the
+    ``top`` most likely tokens, as a :class:`TokenLogprob`; ``piece`` gives a token's bytes."""
+    logits = np.asarray(logits, dtype=np.float32)
+    peak = float(logits.max())
+    log_z = peak + float(np.log(np.exp(logits - peak).sum(dtype=np.float64)))
+    best: list[int] = []
+    if top > 0:
+        ids = np.argpartition(-logits, top - 1)[:top]
+        best = [int(i) for i in ids[np.argsort(-logits[ids], kind="stable")]]
+
+    def entry(cls, t: int, **extra):
+        data = piece(t)
+        return cls(data.decode("utf-8", "replace"), list(data), float(logits[t]) - log_z, **extra)
+
+    return entry(TokenLogprob, token, top_logprobs=[entry(TopLogprob, t) for t in best])
 
 
 def _shared_prefix(a: list[int], b: list[int]) -> int:
@@ -375,6 +515,13 @@ class Engine:
             of the prefill; ``False`` clears them as soon as the sequence finishes.
         on_failure: called with the :class:`EngineError` once if decoding fails (on the
             decode thread, before the requests are failed; it must not call ``close()``).
+        adapters: ``{"name": path}`` of GGUF LoRA adapters (``part4/fine_tune.py`` makes
+            them) loaded once, on top of the model; a request picks some with
+            ``lora={"name": scale}``. An adapter recorded as made for another base model
+            is refused (:class:`~llmlab.finetune.adapters.AdapterMismatchError`).
+
+    Raises:
+        BackendError: the model or an adapter cannot be loaded (the message says why).
     """
 
     def __init__(
@@ -390,6 +537,7 @@ class Engine:
         flash_attn: bool | None = None,
         prefix_cache: bool = True,
         on_failure: Callable[[EngineError], None] | None = None,
+        adapters: dict[str, str] | None = None,
     ):
         import llama_cpp
 
@@ -413,6 +561,10 @@ class Engine:
         self.max_queue = max_queue
         if gpu_layers is None:
             gpu_layers = settings.gpu_layers if llama_cpp.llama_supports_gpu_offload() else 0
+        self.adapters = self._check_adapters(adapters or {})  # name -> path
+        self._loras: dict[str, Any] = {}  # name -> llama.cpp adapter
+        self._active: AdapterSet = ()  # the adapters set on the context now
+        self._last_group: AdapterSet | None = None  # which adapter set the last decode carried
 
         # Held while tokenizing and during each llama_decode, so the two never overlap, and
         # by close() while it frees the model (nothing tokenizes a freed vocabulary).
@@ -422,14 +574,16 @@ class Engine:
         self.failure: EngineError | None = None  # why decoding stopped, if it failed
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
-        self._waiting: collections.deque[Handle] = collections.deque()
+        self._waiting: collections.deque[list[Handle]] = collections.deque()  # groups
         self._slots: list[_Sequence | None] = [None] * parallel
         self._next_id = 0
         self._closing = False
         self.steps = 0  # llama_decode calls so far (for lessons and tests)
         self.prefix_cache = prefix_cache
         self._cached: list[list[int]] = [[] for _ in range(parallel)]  # tokens in each slot's KV
+        self._cached_under: list[AdapterSet] = [() for _ in range(parallel)]  # ... and adapters
         self.reused_prompt_tokens = 0  # prompt tokens not prefilled thanks to the prefix cache
+        self.prefilled_tokens = 0  # prompt tokens decoded (computed) so far
         self.max_batch_sequences = 0  # the most sequences one decode step has carried
         # The model and context are created on the decode thread itself. With an OpenMP
         # build of llama.cpp (the lab builds it without; see envcheck.LLAMA_CPP_CMAKE_ARGS)
@@ -448,6 +602,36 @@ class Engine:
 
     # --- model and context ---------------------------------------------------------
 
+    def _check_adapters(self, adapters: dict[str, str]) -> dict[str, str]:
+        """Adapter paths, expanded, each checked to exist and to be made for this model."""
+        from llmlab.finetune.adapters import check_adapter
+
+        checked = {}
+        for name, path in adapters.items():
+            if not name or not isinstance(name, str):
+                raise ValueError(f"an adapter needs a name (got {name!r} for {path})")
+            path = os.path.expanduser(str(path))
+            check_adapter(path, self.spec)  # names both models if it was made for another
+            checked[name] = path
+        return checked
+
+    def _load_adapters(self) -> None:
+        for name, path in self.adapters.items():
+            adapter = self._ll.llama_adapter_lora_init(self._model, path.encode())
+            if not adapter:
+                raise EngineError(
+                    f"llama.cpp could not load the LoRA adapter {name!r} ({path}) on "
+                    f"{self.spec.ref}: its tensors do not fit this model. Use an adapter "
+                    f"made for {self.spec.name} (part4/fine_tune.py writes one)."
+                )
+            self._loras[name] = adapter
+
+    def _free_model(self) -> None:
+        for adapter in self._loras.values():
+            self._ll.llama_adapter_lora_free(adapter)
+        self._loras = {}
+        self._ll.llama_model_free(self._model)
+
     def _load(self, gpu_layers: int) -> None:
         from llmlab.backends import refuse_a_build_known_to_crash
 
@@ -459,6 +643,11 @@ class Engine:
         self._model = ll.llama_model_load_from_file(str(self.spec.path).encode(), mparams)
         if not self._model:
             raise load_error(self.spec)  # worded as the llama.cpp backend words it
+        try:
+            self._load_adapters()
+        except EngineError:
+            self._free_model()
+            raise
         cparams = ll.llama_context_default_params()
         cparams.n_ctx = self.n_ctx * self.parallel
         cparams.n_batch = self.n_batch
@@ -476,7 +665,7 @@ class Engine:
         cparams.no_perf = True
         self._ctx = ll.llama_init_from_model(self._model, cparams)
         if not self._ctx:
-            ll.llama_model_free(self._model)
+            self._free_model()
             raise EngineError(
                 f"llama.cpp could not create a context of {self.n_ctx} x {self.parallel} tokens; "
                 "lower --parallel or LLMLAB_N_CTX."
@@ -517,6 +706,17 @@ class Engine:
             buf = ctypes.create_string_buffer(-n)
             n = self._ll.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, True)
         return buf.raw[:n]
+
+    def detokenize(self, ids: list[int]) -> str:
+        """The text of token ``ids`` (control tokens rendered), the inverse of :meth:`tokenize`.
+
+        Raises:
+            EngineError: the engine is closed.
+        """
+        with self._model_lock:
+            self._check_open()
+            data = b"".join(self.token_bytes(int(t)) for t in ids)
+        return data.decode("utf-8", "replace")
 
     def apply_chat_template(self, messages: list[Message]) -> str:
         """The prompt text for ``messages``: the GGUF file's own template, rendered with
@@ -574,13 +774,33 @@ class Engine:
             QueueFullError: ``max_queue`` requests are already waiting.
             ContextOverflowError: the prompt plus ``max_tokens`` exceeds ``n_ctx``.
             EngineError: the engine is closed.
-            ValueError: a sampling setting out of its range (:data:`llmlab.chat.PARAM_RANGES`);
+            ValueError: a sampling setting out of its range (:data:`llmlab.chat.PARAM_RANGES`),
+                ``logprobs`` outside 0..20, or a ``lora`` adapter the engine has not loaded;
                 checked here, because on the decode thread it would stop every request.
         """
-        if (request.messages is None) == (request.prompt is None):
-            raise ValueError("a Request needs exactly one of messages or prompt")
-        for name in PARAM_RANGES:
-            check_param(name, getattr(request.params, name))
+        return self.submit_choices(request, 1, on_chunk)[0]
+
+    def submit_choices(
+        self, request: Request, n: int, on_chunk: Callable[[Chunk], None] | None = None
+    ) -> list[Handle]:
+        """Queue ``n`` choices of one request (OpenAI's ``n``): one handle per choice.
+
+        The prompt is prefilled once and its KV cells copied to the other choices'
+        sequences, so it costs one prefill, not ``n``. Choice ``i`` samples with ``seed + i``
+        when the request has a seed (greedy choices are all the same text). The group waits
+        until ``n`` slots are free; cancelling one handle leaves the others running.
+        ``on_chunk`` gets every choice's chunks; ``chunk.index`` says whose.
+
+        Raises:
+            ValueError: ``n`` is below 1 or above ``parallel``; and as :meth:`submit`.
+            QueueFullError, ContextOverflowError, EngineError: as :meth:`submit`.
+        """
+        if not 1 <= n <= self.parallel:
+            raise ValueError(
+                f"n={n} choices need {n} sequences at once; this engine decodes at most "
+                f"parallel={self.parallel} (ask for 1..{self.parallel}, or start it with more)"
+            )
+        adapters = self._check_request(request)
         with self._model_lock:
             self._check_open()
             tokens = self._prompt_tokens(request)
@@ -588,9 +808,7 @@ class Engine:
                 raise ValueError("the prompt is empty")
             if len(tokens) + request.params.max_tokens > self.n_ctx:
                 raise ContextOverflowError(len(tokens), request.params.max_tokens, self.n_ctx)
-            grammar = None
-            if request.grammar is not None:
-                grammar = Grammar(self._ll, self._vocab, self.n_vocab, request.grammar)
+            grammars = self._grammars(request.grammar, n)
         with self._lock:
             refusal: EngineError | None = None
             if self.failure is not None:
@@ -599,20 +817,89 @@ class Engine:
                 )
             elif self._closing:
                 refusal = EngineError("the engine is closed; create a new one")
-            elif len(self._waiting) >= self.max_queue:
+            elif self.queued + n > self.max_queue:
                 refusal = QueueFullError(
-                    f"{len(self._waiting)} requests are already waiting (max_queue={self.max_queue}); "
+                    f"{self.queued} requests are already waiting (max_queue={self.max_queue}); "
                     "retry later"
                 )
             if refusal is not None:
-                if grammar is not None:
-                    grammar.free()
+                for grammar in grammars:
+                    if grammar is not None:
+                        grammar.free()
                 raise refusal
-            self._next_id += 1
-            handle = Handle(self._next_id, tokens, request.params, on_chunk, grammar)
-            self._waiting.append(handle)
+            handles = []
+            for i, grammar in enumerate(grammars):
+                self._next_id += 1
+                params = request.params
+                if i and params.seed is not None:
+                    params = dataclasses.replace(params, seed=params.seed + i)
+                handles.append(
+                    Handle(
+                        self._next_id,
+                        tokens,
+                        params,
+                        on_chunk,
+                        grammar,
+                        logprobs=request.logprobs,
+                        adapters=adapters,
+                        index=i,
+                    )
+                )
+            self._waiting.append(handles)
             self._wake.notify()
-        return handle
+        return handles
+
+    def _check_request(self, request: Request) -> AdapterSet:
+        """Refuse what would fail on the decode thread; return the request's adapter set."""
+        if (request.messages is None) == (request.prompt is None):
+            raise ValueError("a Request needs exactly one of messages or prompt")
+        for name in PARAM_RANGES:
+            check_param(name, getattr(request.params, name))
+        top = request.logprobs
+        if top is not None and (
+            isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_LOGPROBS
+        ):
+            raise ValueError(
+                f"logprobs must be None or a whole number 0..{MAX_LOGPROBS}, not {top!r}"
+            )
+        return self._adapter_set(request.lora)
+
+    def _adapter_set(self, lora: dict[str, float] | None) -> AdapterSet:
+        """``lora`` checked against the loaded adapters, as sorted (name, scale) pairs."""
+        pairs = []
+        for name, scale in (lora or {}).items():
+            if name not in self.adapters:
+                loaded = ", ".join(sorted(self.adapters)) or "none"
+                raise ValueError(
+                    f"Unknown LoRA adapter {name!r}. Loaded adapters: {loaded} "
+                    "(load one with Engine(adapters={name: path}), or --lora NAME=PATH "
+                    "for the server)."
+                )
+            if (
+                isinstance(scale, bool)
+                or not isinstance(scale, (int, float))
+                or not np.isfinite(scale)
+            ):
+                raise ValueError(
+                    f"the scale of LoRA adapter {name!r} must be a number, not {scale!r}"
+                )
+            if scale != 0:  # a zero scale is the same as leaving the adapter out
+                pairs.append((name, float(scale)))
+        return tuple(sorted(pairs))
+
+    def _grammars(self, gbnf: str | None, n: int) -> list[Grammar | None]:
+        """One grammar sampler per choice (each keeps its own parse state)."""
+        if gbnf is None:
+            return [None] * n
+        grammars: list[Grammar | None] = []
+        try:
+            for _ in range(n):
+                grammars.append(Grammar(self._ll, self._vocab, self.n_vocab, gbnf))
+        except BaseException:
+            for grammar in grammars:
+                grammar.free()
+            raise
+        return grammars
 
     def generate(self, requests: list[Request]) -> list[Result]:
         """Run ``requests`` together and return their results in order (a convenience)."""
@@ -641,8 +928,8 @@ class Engine:
 
     @property
     def queued(self) -> int:
-        """Requests waiting for a slot."""
-        return len(self._waiting)
+        """Requests (choices) waiting for a slot."""
+        return sum(len(group) for group in self._waiting)
 
     def close(self) -> None:
         """Stop the decode thread (running and waiting requests end ``interrupted``) and free
@@ -658,7 +945,7 @@ class Engine:
             ll = self._ll
             ll.llama_batch_free(self._batch)
             ll.llama_free(self._ctx)
-            ll.llama_model_free(self._model)
+            self._free_model()
 
     def __enter__(self) -> Engine:
         return self
@@ -701,7 +988,8 @@ class Engine:
             if seq is not None:
                 self._finish(i, "interrupted")
         with self._lock:
-            waiting, self._waiting = list(self._waiting), collections.deque()
+            waiting = [h for group in self._waiting for h in group]
+            self._waiting = collections.deque()
         for handle in waiting:
             handle._complete(_unstarted("interrupted", handle))
 
@@ -712,7 +1000,7 @@ class Engine:
             self.failure = error
             self._closing = True
             handles = [seq.handle for seq in self._slots if seq is not None]
-            handles += self._waiting
+            handles += [h for group in self._waiting for h in group]
             self._waiting.clear()
             self._slots = [None] * self.parallel
         if self.on_failure is not None:
@@ -725,37 +1013,83 @@ class Engine:
 
     def _take_cancelled_waiting(self) -> list[Handle]:
         """Remove cancelled requests from the queue (under the lock); the caller ends them."""
-        dropped = [h for h in self._waiting if h.cancelled]
-        for handle in dropped:
-            self._waiting.remove(handle)
+        dropped = [h for group in self._waiting for h in group if h.cancelled]
+        groups = [[h for h in group if not h.cancelled] for group in self._waiting]
+        self._waiting = collections.deque(group for group in groups if group)
         return dropped
 
     def _admit(self) -> None:
-        """Give waiting requests the free slots, each the slot whose cached tokens share
-        the longest prefix with its prompt; only the rest of the prompt is prefilled."""
+        """Give waiting requests the free slots, first come first served (the choices of one
+        prompt all at once), each the slot whose cached tokens share the longest prefix with
+        its prompt under the same adapters; only the rest of the prompt is prefilled."""
         free = [i for i, seq in enumerate(self._slots) if seq is None]
-        while free and self._waiting:
-            handle = self._waiting.popleft()
-            prompt = handle.prompt_tokens
-            shared = {i: _shared_prefix(self._cached[i], prompt) for i in free}
-            slot = max(free, key=lambda i: shared[i])
-            free.remove(slot)
-            # At least the last prompt token is decoded again: its logits pick the first token.
-            keep = min(shared[slot], len(prompt) - 1)
-            self._ll.llama_memory_seq_rm(self._memory, slot, keep, -1)
-            self._cached[slot] = []
-            seq = _Sequence(handle, seq_id=slot)
-            seq.n_past = keep
-            self.reused_prompt_tokens += keep
-            self._slots[slot] = seq
+        while self._waiting and len(self._waiting[0]) <= len(free):
+            group = [self._place(handle, free) for handle in self._waiting.popleft()]
+            source = max(group, key=lambda seq: seq.cached)  # prefills for all of them
+            source.followers = [seq for seq in group if seq is not source]
+            for seq in source.followers:
+                seq.source = source
+            self.reused_prompt_tokens += source.cached
+
+    def _place(self, handle: Handle, free: list[int]) -> _Sequence:
+        """Put ``handle`` in the free slot that has the most of its prompt cached."""
+        prompt = handle.prompt_tokens
+
+        def shared(i: int) -> int:
+            if self._cached_under[i] != handle.adapters:  # computed under other adapters
+                return 0
+            return _shared_prefix(self._cached[i], prompt)
+
+        slot = max(free, key=shared)
+        free.remove(slot)
+        # At least the last prompt token is decoded again: its logits pick the first token.
+        keep = min(shared(slot), len(prompt) - 1)
+        self._ll.llama_memory_seq_rm(self._memory, slot, keep, -1)
+        self._cached[slot] = []
+        seq = _Sequence(handle, seq_id=slot)
+        seq.n_past = seq.cached = keep
+        self._slots[slot] = seq
+        return seq
 
     def _reap_cancelled(self) -> None:
         for i, seq in enumerate(self._slots):
             if seq is not None and seq.handle.cancelled:
                 self._finish(i, "interrupted")
 
-    def _decode(self, entries: list[tuple[int, int, int, bool]]) -> None:
-        """One ``llama_decode`` of (token, position, seq_id, wants_logits) entries."""
+    def _copy_prompt(self, source: _Sequence, follower: _Sequence) -> None:
+        """Give ``follower`` the prefilled prompt of ``source`` (a copy of its KV cells)."""
+        self._ll.llama_memory_seq_rm(self._memory, follower.seq_id, -1, -1)
+        self._ll.llama_memory_seq_cp(self._memory, source.seq_id, follower.seq_id, -1, -1)
+        follower.n_past, follower.cached, follower.source = source.n_past, source.cached, None
+
+    def _hand_over(self, seq: _Sequence) -> None:
+        """``seq`` ends before its prompt was copied to its followers: the first of them
+        prefills instead (from the prefix its own slot has cached)."""
+        if seq.source is not None:
+            seq.source.followers.remove(seq)
+        elif seq.followers:
+            heir, *rest = seq.followers
+            heir.source, heir.followers = None, rest
+            for follower in rest:
+                follower.source = heir
+            self.reused_prompt_tokens += heir.cached
+        seq.source, seq.followers = None, []
+
+    def _set_adapters(self, adapters: AdapterSet) -> None:
+        """Put ``adapters`` on the context (llama.cpp applies adapters per context, not per
+        sequence, so one decode carries sequences of one adapter set only)."""
+        if adapters == self._active:
+            return
+        ll, n = self._ll, len(adapters)
+        loras = (ll.llama_adapter_lora_p_ctypes * n)(*(self._loras[a] for a, _ in adapters))
+        scales = (ctypes.c_float * n)(*(scale for _, scale in adapters))
+        if ll.llama_set_adapters_lora(self._ctx, loras if n else None, n, scales if n else None):
+            raise RuntimeError(f"llama_set_adapters_lora failed for {adapters}")
+        self._active = adapters
+
+    def _decode(self, entries: list[tuple[int, int, int, bool]], adapters: AdapterSet) -> None:
+        """One ``llama_decode`` of (token, position, seq_id, wants_logits) entries, all of
+        sequences that run under ``adapters``."""
         batch = self._batch
         batch.n_tokens = len(entries)
         for i, (token, pos, seq_id, logits) in enumerate(entries):
@@ -765,6 +1099,7 @@ class Engine:
             batch.seq_id[i][0] = seq_id
             batch.logits[i] = logits
         with self._model_lock:
+            self._set_adapters(adapters)
             status = self._ll.llama_decode(self._ctx, batch)
         if status != 0:
             raise RuntimeError(f"llama_decode returned {status}")
@@ -775,7 +1110,8 @@ class Engine:
         return np.ctypeslib.as_array(row, shape=(self.n_vocab,))
 
     def _step(self) -> None:
-        """Prefill one waiting prompt chunk, or decode one token of every running sequence."""
+        """Prefill one waiting prompt chunk, or decode one token of every running sequence
+        of one adapter set (the sets take turns)."""
         prefill = next((s for s in self._slots if s is not None and s.prefilling), None)
         if prefill is not None:
             # A prompt goes in on its own (in n_batch chunks), so its numbers never depend
@@ -787,15 +1123,29 @@ class Engine:
                 [
                     (t, start + j, prefill.seq_id, last and j == len(chunk) - 1)
                     for j, t in enumerate(chunk)
-                ]
+                ],
+                prefill.adapters,
             )
             prefill.n_past += len(chunk)
+            self.prefilled_tokens += len(chunk)
             if last:
-                self._accept(prefill, self._logits_row(len(chunk) - 1))
+                logits = self._logits_row(len(chunk) - 1)
+                followers, prefill.followers = prefill.followers, []
+                for follower in followers:  # before anything can end and reuse the slot
+                    self._copy_prompt(prefill, follower)
+                for seq in [prefill, *followers]:  # each its own draw from the same logits
+                    self._accept(seq, logits)
             return
         running = [s for s in self._slots if s is not None and s.next_token is not None]
+        groups: dict[AdapterSet, list[_Sequence]] = {}
+        for seq in running:
+            groups.setdefault(seq.adapters, []).append(seq)
+        if not groups:  # only choices waiting for a prompt copy (cannot last a step)
+            return
+        self._last_group = next_group(list(groups), self._last_group)
+        running = groups[self._last_group]
         self.max_batch_sequences = max(self.max_batch_sequences, len(running))
-        self._decode([(s.next_token, s.n_past, s.seq_id, True) for s in running])
+        self._decode([(s.next_token, s.n_past, s.seq_id, True) for s in running], self._last_group)
         for i, seq in enumerate(running):
             seq.n_past += 1
             self._accept(seq, self._logits_row(i))
@@ -817,7 +1167,11 @@ class Engine:
         if seq.first_token_at is None:
             seq.first_token_at = time.perf_counter()
         seq.generated.append(token)
-        text, hit = seq.matcher.feed(seq.decoder.decode(self.token_bytes(token)))
+        piece = seq.decoder.decode(self.token_bytes(token))
+        if seq.logprobs is not None:
+            top = seq.handle.logprobs
+            seq.track(token_logprob(logits, token, top, self.token_bytes), piece)
+        text, hit = seq.matcher.feed(piece)
         if hit:
             self._finish(slot, "stop", text, hit=True)
             return
@@ -826,7 +1180,7 @@ class Engine:
             return
         if text:
             seq.text += text
-            seq.handle._emit(Chunk(text))
+            seq.handle._emit(Chunk(text, logprobs=seq.release()))
         seq.next_token = token
 
     def _finish(self, slot: int, reason: str, text: str = "", hit: bool = False) -> None:
@@ -836,22 +1190,25 @@ class Engine:
         and the held-back rest is dropped.
         """
         seq = self._slots[slot]
+        self._hand_over(seq)
         if not hit:
             text += seq.matcher.flush() + seq.decoder.decode(b"", final=True)
-        if text:
-            seq.text += text
-            seq.handle._emit(Chunk(text))
+        seq.text += text
+        logprobs = seq.release(final=True, hit=hit)
+        if text or logprobs:
+            seq.handle._emit(Chunk(text, logprobs=logprobs))
         now = time.perf_counter()
         total = now - seq.started
         first = (seq.first_token_at - seq.started) if seq.first_token_at else total
-        usage = Usage(len(seq.prompt), len(seq.generated))
+        usage = Usage(len(seq.prompt), len(seq.generated), seq.cached)
         timings = Timings(first, total, len(seq.generated))
         if self.prefix_cache:
             # The cells stay as this slot's prompt cache; the next request admitted here
-            # keeps the prefix it shares with them and clears the rest.
+            # under the same adapters keeps the prefix it shares with them, clears the rest.
             self._cached[slot] = (seq.prompt + seq.generated)[: seq.n_past]
+            self._cached_under[slot] = seq.adapters
         else:
             self._ll.llama_memory_seq_rm(self._memory, seq.seq_id, -1, -1)
         with self._lock:
             self._slots[slot] = None
-        seq.handle._complete(Result(seq.text, reason, usage, timings))
+        seq.handle._complete(Result(seq.text, reason, usage, timings, seq.logprobs))

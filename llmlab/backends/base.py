@@ -49,6 +49,7 @@ class Usage:
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens a prefix cache saved (not computed again)
 
     @property
     def total_tokens(self) -> int:
@@ -75,29 +76,61 @@ class Timings:
 
 
 @dataclass
+class TopLogprob:
+    """One of the most likely tokens at a step: its text, its bytes and its log-probability."""
+
+    token: str
+    bytes: list[int]
+    logprob: float
+
+
+@dataclass
+class TokenLogprob:
+    """The log-probability of a generated token, and the most likely tokens at that step
+    (OpenAI's ``logprobs.content`` entries)."""
+
+    token: str
+    bytes: list[int]
+    logprob: float
+    top_logprobs: list[TopLogprob] = field(default_factory=list)
+
+
+@dataclass
 class Result:
-    """A finished generation. ``finish_reason`` is ``stop``, ``length`` or ``interrupted``."""
+    """A finished generation. ``finish_reason`` is ``stop``, ``length`` or ``interrupted``.
+
+    ``logprobs`` is set only when they were asked for (one entry per generated token).
+    """
 
     text: str
     finish_reason: str
     usage: Usage
     timings: Timings
+    logprobs: list[TokenLogprob] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready dict, with tokens/s included."""
+        """Plain JSON-ready dict, with tokens/s included (``logprobs`` only when present)."""
         data = asdict(self)
         data["timings"]["tokens_per_second"] = self.timings.tokens_per_second
+        if self.logprobs is None:
+            del data["logprobs"]
         return data
 
 
 @dataclass
 class Chunk:
-    """One streamed piece. The last chunk has ``finish_reason``, ``usage`` and ``timings`` set."""
+    """One streamed piece. The last chunk has ``finish_reason``, ``usage`` and ``timings`` set.
+
+    ``logprobs``: the tokens whose text is in this chunk, when they were asked for.
+    ``index``: which choice the chunk belongs to when one prompt has several (``n > 1``).
+    """
 
     text: str
     finish_reason: str | None = None
     usage: Usage | None = None
     timings: Timings | None = None
+    logprobs: list[TokenLogprob] | None = None
+    index: int = 0
 
 
 class BackendError(Exception):

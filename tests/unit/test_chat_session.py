@@ -111,7 +111,7 @@ def test_send_records_the_exchange_with_token_counts_and_figures():
     assert session.messages[0]["tokens"] == 3
     reply = session.messages[1]
     assert reply["content"] == "w1 w2 w3 w4 w5" and reply["tokens"] == 5
-    assert reply["usage"] == {"prompt_tokens": 8, "completion_tokens": 5}
+    assert reply["usage"] == {"prompt_tokens": 8, "completion_tokens": 5, "cached_tokens": 0}
     assert reply["timings"]["tokens_per_second"] == pytest.approx(4 / 0.04)
     assert "interrupted" not in reply
     sent, params = session.backend.requests[0]
