@@ -29,7 +29,7 @@ from part5.combined_app.config import ServerSettings
 from part5.combined_app.errors import install_handlers
 from part5.combined_app.metrics import Metrics
 from part5.combined_app.middleware import LabMiddleware
-from part5.combined_app.routes import batches, documents, openai_api, system
+from part5.combined_app.routes import batches, documents, lora, openai_api, system
 from part5.combined_app.schemas import install_openapi
 from part5.combined_app.service import ModelService
 
@@ -83,7 +83,8 @@ def create_app(
 
     install_handlers(app)
     install_openapi(app, settings)
-    for router in (system.router, openai_api.router, documents.router, batches.router):
+    routers = (system.router, openai_api.router, documents.router, batches.router, lora.router)
+    for router in routers:
         app.include_router(router)
 
     @app.get("/", include_in_schema=False)

@@ -46,6 +46,11 @@ class ServerSettings(BaseSettings):
     max_tokens_limit: int = Field(1024, ge=1, description="Largest max_tokens a request may ask.")
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request names none.")
     max_batch_prompts: int = Field(1000, ge=1, description="Most prompts in one batch job.")
+    lora: dict[str, str] = Field(
+        default_factory=dict,
+        description="LoRA adapters loaded on the model, NAME -> GGUF path (JSON in the variable); "
+        "a request applies some by name.",
+    )
     home: Path | None = Field(None, description="Lab home for uploads and batches (LLMLAB_HOME).")
 
     @property

@@ -145,6 +145,7 @@ class ModelService:
             threads=self.settings.threads,
             max_queue=self.settings.queue_size,
             on_failure=self._engine_failed,
+            adapters=self.settings.lora,
         )
 
     def _engine_failed(self, error: EngineError) -> None:

@@ -4,15 +4,13 @@ UTF-8 characters split over tokens and stop strings), several choices from one p
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
+from lora_adapters import make_adapter
 
 from llmlab import backends, registry
 from llmlab.engine import Engine, Request, next_group
-from llmlab.finetune import export_gguf
-from llmlab.finetune.adapters import META_FILE, AdapterMismatchError
+from llmlab.finetune.adapters import AdapterMismatchError
 
 pytestmark = pytest.mark.slow
 
@@ -175,34 +173,13 @@ def test_detokenize_is_the_inverse_of_tokenize(engine):
 # --- LoRA adapters per request -----------------------------------------------------------
 
 
-def _adapter(folder, seed: int, base: str | None = None):
-    """A GGUF LoRA adapter written by the fine-tuning code's exporter from a PEFT folder
-    with random B matrices (a fresh adapter has B = 0 and changes nothing), on the last
-    layers' query and value projections: it changes the greedy reply, in milliseconds."""
-    from safetensors.numpy import save_file
-
-    spec = registry.resolve()
-    layout = export_gguf._BaseLayout(spec.path)
-    rank, rng, tensors = 4, np.random.default_rng(seed), {}
-    for layer in range(24, 30):
-        for proj, short in (("q_proj", "attn_q"), ("v_proj", "attn_v")):
-            rows, cols = layout.shapes[f"blk.{layer}.{short}.weight"]
-            module = f"{export_gguf.PREFIX}model.layers.{layer}.self_attn.{proj}"
-            tensors[f"{module}.lora_A.weight"] = rng.normal(0, 0.05, (rank, cols)).astype("f4")
-            tensors[f"{module}.lora_B.weight"] = rng.normal(0, 0.3, (rows, rank)).astype("f4")
-    folder.mkdir()
-    save_file(tensors, folder / "adapter_model.safetensors")
-    (folder / "adapter_config.json").write_text(
-        json.dumps({"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank})
-    )
-    (folder / META_FILE).write_text(json.dumps({"base_model": base or spec.name}))
-    return export_gguf.write_adapter(folder, spec.path, folder.with_suffix(".lora.gguf"))
-
-
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters")
-    return {"style": str(_adapter(root / "style", 1)), "other": str(_adapter(root / "other", 2))}
+    return {
+        "style": str(make_adapter(root / "style", 1)),
+        "other": str(make_adapter(root / "other", 2)),
+    }
 
 
 def _reference(question: str, lora: str | None) -> str:
@@ -274,7 +251,7 @@ def test_unknown_adapter_names_the_loaded_ones(adapters):
 
 
 def test_an_adapter_made_for_another_base_model_is_refused_naming_both(tmp_path):
-    path = _adapter(tmp_path / "foreign", 3, base="qwen2.5-0.5b-instruct")
+    path = make_adapter(tmp_path / "foreign", 3, base="qwen2.5-0.5b-instruct")
     with pytest.raises(AdapterMismatchError) as info:
         Engine(parallel=1, n_ctx=256, adapters={"foreign": str(path)})
     message = str(info.value)

@@ -1,1 +1,2 @@
-"""The app's routes, one module per area: system (health, metrics), openai_api, documents, batches."""
+"""The app's routes, one module per area: system (health, metrics), openai_api,
+documents, batches, lora (the LoRA adapters loaded)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import socket
 import sys
 from pathlib import Path
@@ -19,12 +20,14 @@ if str(REPO) not in sys.path:
 
 from llmlab import registry  # noqa: E402
 from llmlab.backends.base import BackendError  # noqa: E402
+from llmlab.finetune.adapters import check_adapter  # noqa: E402
 
 EPILOG = """examples:
   python part5/combined_app/scripts/server.py                      # http://127.0.0.1:8000/
   python part5/combined_app/scripts/server.py --port 8001 --parallel 8
   python part5/combined_app/scripts/server.py --api-key s3cret     # clients send 'Bearer s3cret'
   python part5/combined_app/scripts/server.py --host 0.0.0.0 --cors http://localhost:3000
+  python part5/combined_app/scripts/server.py --lora json-qa=runs/json-qa/json-qa.lora.gguf
 
 then, from any OpenAI client:
   OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="s3cret" or "unused")
@@ -67,12 +70,30 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-tokens-limit", type=int, help="largest max_tokens allowed (default: 1024)"
     )
     parser.add_argument(
+        "--lora",
+        action="append",
+        metavar="NAME=PATH",
+        help="load a GGUF LoRA adapter on the model under NAME; repeat for more "
+        "(GET /lora-adapters lists them; default: none)",
+    )
+    parser.add_argument(
         "--log-level",
         default="info",
         choices=["debug", "info", "warning", "error"],
         help="uvicorn's log level (default: info)",
     )
     return parser
+
+
+def _adapters(items: list[str]) -> dict[str, str] | None:
+    """``["NAME=PATH", ...]`` as ``{NAME: PATH}``; ``None`` if one is not of that form."""
+    adapters = {}
+    for item in items:
+        name, _, path = item.partition("=")
+        if not name.strip() or not path.strip():
+            return None
+        adapters[name.strip()] = os.path.expanduser(path.strip())
+    return adapters
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -95,12 +116,22 @@ def main(argv: list[str] | None = None) -> int:
     from part5.combined_app import ServerSettings, create_app
 
     options = {
-        k: v for k, v in vars(args).items() if v is not None and k not in ("cors", "log_level")
+        k: v
+        for k, v in vars(args).items()
+        if v is not None and k not in ("cors", "log_level", "lora")
     }
     if args.cors:
         options["cors_origins"] = [
             o.strip() for item in args.cors for o in item.split(",") if o.strip()
         ]
+    if args.lora:
+        options["lora"] = _adapters(args.lora)
+        if options["lora"] is None:
+            print(
+                "--lora takes NAME=PATH, e.g. --lora json-qa=runs/json-qa/json-qa.lora.gguf",
+                file=sys.stderr,
+            )
+            return 2
     try:
         settings = ServerSettings(**options)
         spec = registry.resolve(settings.model)  # fail here, not in the background, on a bad name
@@ -111,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
             )
         if spec.format == "gguf":  # a damaged file fails here, not after the server is up
             registry.read_gguf_info(spec.path)
-    except registry.RegistryError as exc:
+        for path in settings.lora.values():  # ... and so does an adapter for another model
+            check_adapter(path, spec)
+    except (registry.RegistryError, BackendError) as exc:
         print(exc, file=sys.stderr)
         return 2
     except ValueError as exc:
