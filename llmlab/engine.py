@@ -817,9 +817,9 @@ class Engine:
                 )
             elif self._closing:
                 refusal = EngineError("the engine is closed; create a new one")
-            elif self.queued + n > self.max_queue:
+            elif self._queued() + n > self.max_queue:
                 refusal = QueueFullError(
-                    f"{self.queued} requests are already waiting (max_queue={self.max_queue}); "
+                    f"{self._queued()} requests are already waiting (max_queue={self.max_queue}); "
                     "retry later"
                 )
             if refusal is not None:
@@ -929,6 +929,10 @@ class Engine:
     @property
     def queued(self) -> int:
         """Requests (choices) waiting for a slot."""
+        with self._lock:  # another thread may be changing the queue
+            return self._queued()
+
+    def _queued(self) -> int:
         return sum(len(group) for group in self._waiting)
 
     def close(self) -> None:
