@@ -37,6 +37,10 @@ class Settings(BaseSettings):
         "smollm2-135m-instruct", description="Chat model used when none is named."
     )
     embedding_model: str = Field("all-minilm-l6-v2", description="Embedding model for document QA.")
+    embedding_runtime: str = Field(
+        "auto",
+        description="auto, onnx (CPU, no torch) or sentence-transformers, for the embedding model.",
+    )
     backend: str = Field("auto", description="auto, llama.cpp, transformers or openai.")
     threads: int = Field(default_factory=_all_cores, ge=1, description="CPU threads for decoding.")
     n_ctx: int = Field(2048, ge=128, description="Context window in tokens for local models.")

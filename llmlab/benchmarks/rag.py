@@ -6,15 +6,22 @@ Measured in one run, on ``part3/data/docs`` in a throw-away store:
   second ingestion of the unchanged corpus (skipped by file hash) against the first;
 * query latency: embedding the question alone, retrieval (embed + vector search), a
   "not in the documents" answer (retrieval only, no model) and a full answer with the
-  default chat model, each as a median over the question set and compared with retrieval.
+  default chat model, each as a median over the question set and compared with retrieval;
+* one question from the command line: ``document_qa.py search`` in a new process, start-up
+  included, with the embedding model run by onnxruntime against sentence-transformers
+  (``LLMLAB_EMBEDDING_RUNTIME``), the median of a few runs each.
 
-Models are loaded before timing starts, so the figures are per-query costs, not start-up.
+Models are loaded before timing starts, so the in-process figures are per-query costs,
+not start-up; the command-line rows are what a learner waits for.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -23,6 +30,7 @@ from llmlab.rag import DocumentStore, QuestionAnswerer, get_embedder
 from llmlab.rag.evaluate import SAMPLE_DOCS, load_questions
 
 SUITE = "rag"
+SCRIPT = Path(__file__).resolve().parents[2] / "part3" / "document_qa.py"
 
 
 def _median_ms(fn, items) -> float:
@@ -33,6 +41,42 @@ def _median_ms(fn, items) -> float:
             fn(item)
         times.append(t.seconds * 1000)
     return statistics.median(times)
+
+
+def _cli_search_ms(db: Path, question: str, runtime: str, runs: int) -> float:
+    """Median wall time of ``document_qa.py search`` in a new process, in milliseconds."""
+    env = {**os.environ, "LLMLAB_EMBEDDING_RUNTIME": runtime}
+    argv = [sys.executable, str(SCRIPT), "search", question, "--db", str(db), "--collection"]
+    times = []
+    for _ in range(runs):
+        with timer() as t:
+            subprocess.run(
+                [*argv, "bench", "--top-k", "3"], env=env, check=True, capture_output=True
+            )
+        times.append(t.seconds * 1000)
+    return statistics.median(times)
+
+
+def cli_rows(db: Path, question: str, runs: int) -> list[Row]:
+    """``document_qa.py search`` start to finish: onnxruntime against sentence-transformers."""
+    torch_side = Row(
+        SUITE,
+        "document_qa.py search, new process, sentence-transformers",
+        "latency",
+        _cli_search_ms(db, question, "sentence-transformers", runs),
+        "ms",
+        note=f"median of {runs}",
+    )
+    onnx = Row.compared(
+        SUITE,
+        "document_qa.py search, new process, onnxruntime",
+        "latency",
+        _cli_search_ms(db, question, "onnx", runs),
+        "ms",
+        baseline=torch_side,
+        note=f"median of {runs}; no torch import",
+    )
+    return [torch_side, onnx]
 
 
 def run(quick: bool = False) -> list[Row]:
@@ -116,6 +160,7 @@ def run(quick: bool = False) -> list[Row]:
             retrieval,
             not_found,
             answered,
+            *cli_rows(db, answerable[0], runs=1 if quick else 3),
         ]
     finally:
         shutil.rmtree(db, ignore_errors=True)

@@ -15,15 +15,17 @@ import bisect
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-
-from langchain_text_splitters import Language, RecursiveCharacterTextSplitter
+from typing import TYPE_CHECKING
 
 from llmlab.rag.loaders import TextUnit
+
+if TYPE_CHECKING:  # imported when a splitter is made: a search needs none
+    from langchain_text_splitters import RecursiveCharacterTextSplitter
 
 DEFAULT_CHUNK_SIZE = 400
 DEFAULT_CHUNK_OVERLAP = 50
 
-_LANGUAGES = {".md": Language.MARKDOWN, ".markdown": Language.MARKDOWN, ".py": Language.PYTHON}
+_LANGUAGES = {".md": "markdown", ".markdown": "markdown", ".py": "python"}  # LangChain's Language
 
 
 @dataclass
@@ -68,10 +70,12 @@ def make_splitter(
         raise ValueError(
             f"Chunk overlap ({chunk_overlap}) must be between 0 and the chunk size ({chunk_size})."
         )
+    from langchain_text_splitters import Language, RecursiveCharacterTextSplitter
+
     options = {"chunk_size": chunk_size, "chunk_overlap": chunk_overlap, "add_start_index": True}
     language = _LANGUAGES.get(suffix.lower())
     if language is not None:
-        return RecursiveCharacterTextSplitter.from_language(language, **options)
+        return RecursiveCharacterTextSplitter.from_language(Language(language), **options)
     return RecursiveCharacterTextSplitter(**options)
 
 

@@ -18,6 +18,7 @@ import hashlib
 import os
 import re
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -54,6 +55,7 @@ def open_client(db_dir: str | Path | None = None) -> Any:
         RagError: ``db_dir`` is a file, a folder that cannot be created, or a damaged store.
     """
     os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
+    _import_chromadb()
     import chromadb
     from chromadb.config import Settings as ChromaSettings
     from chromadb.errors import ChromaError
@@ -80,6 +82,27 @@ def open_client(db_dir: str | Path | None = None) -> Any:
             f"The store in {path} cannot be opened ({exc}): it is damaged or not a Chroma store. "
             "Move the folder aside and ingest again, or name another folder (--db)."
         ) from exc
+
+
+def _import_chromadb() -> None:
+    """Import chromadb without building jsonschema's IRI grammar.
+
+    chromadb imports jsonschema, whose format checkers import ``rfc3987_syntax`` when it is
+    installed (Jupyter brings it); that module compiles an Earley grammar at import, seconds
+    of CPU on a small machine, more than a whole search. chromadb never checks IRI formats,
+    so while jsonschema is first imported that module reads as absent; the IRI check is
+    then missing for this process only, and only if jsonschema was not imported before.
+    """
+    if "chromadb" in sys.modules or "jsonschema" in sys.modules:
+        return
+    blocked = "rfc3987_syntax" not in sys.modules
+    if blocked:
+        sys.modules["rfc3987_syntax"] = None  # type: ignore[assignment]  # import raises ImportError
+    try:
+        import chromadb  # noqa: F401
+    finally:
+        if blocked:
+            del sys.modules["rfc3987_syntax"]
 
 
 def display_path(source: str | Path) -> str:

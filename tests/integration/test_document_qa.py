@@ -6,6 +6,8 @@ import importlib.util
 import io
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -81,6 +83,28 @@ def test_search_text_shows_numbered_passages(ingested, capsys):
     out = capsys.readouterr().out
     assert out.startswith("[1] ") and "annual_report_2024.pdf, page 1 (score " in out
     assert "volunteer hours" in out
+
+
+HEAVY = ("torch", "sentence_transformers", "transformers", "langchain_text_splitters")
+
+
+def test_search_in_a_new_process_imports_no_torch_nor_sentence_transformers(ingested):
+    """A question costs its own embedding, not seconds of importing torch (issue 16)."""
+    code = f"""
+import runpy, sys
+sys.argv = ["document_qa.py", "search", "Where is the first aid kit?", "--top-k", "1", "--json"]
+try:
+    runpy.run_path({str(SCRIPT)!r}, run_name="__main__")
+except SystemExit as stop:
+    assert stop.code == 0, stop.code
+print(sorted(m for m in {HEAVY!r} if m in sys.modules))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    found, imported = done.stdout.strip().splitlines()
+    assert json.loads(found)["sources"][0]["source"].endswith("safety_rules.txt")
+    assert imported == "[]"
+    assert done.stderr == ""  # no note: the ONNX path was there
 
 
 def test_question_not_in_documents_answers_so_without_a_model(ingested, capsys, monkeypatch):

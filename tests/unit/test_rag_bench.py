@@ -24,4 +24,7 @@ def test_quick_run_reports_ingestion_and_latencies():
     ):
         assert by_case[case].baseline == "retrieval (top 3)"
         assert by_case[case].ratio is not None and by_case[case].value > 0
+    onnx = by_case["document_qa.py search, new process, onnxruntime"]
+    assert onnx.baseline == "document_qa.py search, new process, sentence-transformers"
+    assert onnx.ratio is not None and onnx.value > 0 and "no torch import" in onnx.note
     assert all(row.suite == "rag" for row in rows)
