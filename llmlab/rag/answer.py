@@ -135,7 +135,7 @@ class QuestionAnswerer:
             backends.BackendError: the model could not be loaded or run.
         """
         candidates = self.store.search(question, self.top_k)
-        best = candidates[0].score if candidates else None
+        best = max((hit.score for hit in candidates), default=None)
         hits = [hit for hit in candidates if hit.score >= self.threshold]
         if not hits:
             if on_text:

@@ -10,6 +10,12 @@ the chunks of changed files, and with ``prune=True`` drops files deleted from di
     report.chunks_added, report.chunks_skipped
     for hit in store.search("How much is a day pass?", top_k=3):
         hit.score, hit.source, hit.location
+    store.search("MAX_BOOKING_HOURS", mode="hybrid")    # BM25 fused with the embeddings
+
+Retrieval modes: ``dense`` (the embeddings, by cosine similarity), ``bm25`` (keywords,
+``llmlab.rag.hybrid``) and ``hybrid`` (both rankings merged by reciprocal rank fusion).
+Every hit's ``score`` is its cosine similarity whatever the mode, so one relevance
+threshold works for all three.
 """
 
 from __future__ import annotations
@@ -35,11 +41,15 @@ from llmlab.rag.errors import (
     UnknownCollectionError,
     UnreadableFileError,
 )
+from llmlab.rag.hybrid import BM25Index, reciprocal_rank_fusion
 from llmlab.rag.loaders import file_hash, find_files, load_file
 from llmlab.rag.splitting import DEFAULT_CHUNK_OVERLAP, DEFAULT_CHUNK_SIZE, TextChunk, split_units
 from llmlab.settings import get_settings
 
 DEFAULT_COLLECTION = "default"
+RETRIEVAL_MODES = ("dense", "bm25", "hybrid")
+# How deep each ranking goes before fusion (or the whole collection, if smaller).
+FUSION_DEPTH = 20
 _NAME_RULE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,510}[A-Za-z0-9]$")
 
 
@@ -123,6 +133,7 @@ class Hit:
     location: str
     score: float
     metadata: dict[str, Any] = field(default_factory=dict)
+    chunk_id: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON shape used by the CLI: source, location, score, text."""
@@ -296,6 +307,7 @@ class DocumentStore:
             or ``settings.embedding_model`` for a new collection.
         create: create the collection if missing (ingestion); otherwise a missing
             collection raises :class:`UnknownCollectionError`.
+        retrieval: how :meth:`search` ranks chunks by default: dense, bm25 or hybrid.
     """
 
     def __init__(
@@ -304,7 +316,10 @@ class DocumentStore:
         db_dir: str | Path | None = None,
         embedder: Embedder | None = None,
         create: bool = False,
+        retrieval: str = "dense",
     ):
+        self.retrieval = _check_mode(retrieval)
+        self._bm25: tuple[int, BM25Index] | None = None  # (chunk count, index)
         self.name = check_name(collection)
         self.db_dir = Path(db_dir) if db_dir else default_db_dir()
         self.client = open_client(self.db_dir)
@@ -393,6 +408,8 @@ class DocumentStore:
         except KeyboardInterrupt as exc:
             report.seconds = time.perf_counter() - started
             raise IngestInterrupted(report) from exc
+        finally:
+            self._bm25 = None  # chunks may have been replaced with the count unchanged
         report.seconds = time.perf_counter() - started
         return report
 
@@ -472,23 +489,78 @@ class DocumentStore:
             meta["page"] = chunk.page
         return meta
 
-    def search(self, query: str, top_k: int = 4) -> list[Hit]:
-        """The ``top_k`` chunks most similar to ``query``, best first.
+    def search(self, query: str, top_k: int = 4, mode: str | None = None) -> list[Hit]:
+        """The ``top_k`` best chunks for ``query``, best first, ranked by ``mode``
+        (default: the store's ``retrieval``).
 
         Raises:
             EmptyCollectionError: nothing has been ingested into this collection.
+            RagError: the query is empty.
+            ValueError: an unknown mode.
         """
+        mode = _check_mode(mode or self.retrieval)
         count = self.require_chunks()
         if not query.strip():
             raise RagError("The question is empty. Type a question about your documents.")
+        vector = self.embedder.embed_query(query)
+        if mode == "dense":
+            return self._dense(vector, min(top_k, count))
+        lexical = [chunk_id for chunk_id, _ in self.bm25_index().search(query, FUSION_DEPTH)]
+        if mode == "bm25":
+            return self._hits(lexical[:top_k], vector)
+        dense = [hit.chunk_id for hit in self._dense(vector, min(FUSION_DEPTH, count))]
+        fused = [chunk_id for chunk_id, _ in reciprocal_rank_fusion([dense, lexical])]
+        return self._hits(fused[:top_k], vector)
+
+    def _dense(self, vector: list[float], n: int) -> list[Hit]:
         result = self.collection.query(
-            query_embeddings=[self.embedder.embed_query(query)],
-            n_results=max(1, min(top_k, count)),
+            query_embeddings=[vector],
+            n_results=max(1, n),
             include=["documents", "metadatas", "distances"],
         )
         return [
-            Hit(text, meta["source"], meta.get("location", ""), 1.0 - float(distance), dict(meta))
-            for text, meta, distance in zip(
-                result["documents"][0], result["metadatas"][0], result["distances"][0], strict=True
+            Hit(
+                text, meta["source"], meta.get("location", ""), 1.0 - float(distance), dict(meta), i
+            )
+            for i, text, meta, distance in zip(
+                result["ids"][0],
+                result["documents"][0],
+                result["metadatas"][0],
+                result["distances"][0],
+                strict=True,
             )
         ]
+
+    def _hits(self, ids: list[str], vector: list[float]) -> list[Hit]:
+        """The chunks ``ids`` in that order, each scored by cosine similarity to ``vector``."""
+        if not ids:
+            return []
+        data = self.collection.get(ids=ids, include=["documents", "metadatas", "embeddings"])
+        rows = {
+            i: (text, meta, emb)
+            for i, text, meta, emb in zip(
+                data["ids"], data["documents"], data["metadatas"], data["embeddings"], strict=True
+            )
+        }
+        hits = []
+        for i in ids:
+            text, meta, emb = rows[i]
+            score = sum(a * b for a, b in zip(vector, emb, strict=True))  # both of length 1
+            hits.append(
+                Hit(text, meta["source"], meta.get("location", ""), float(score), dict(meta), i)
+            )
+        return hits
+
+    def bm25_index(self) -> BM25Index:
+        """The keyword index of every chunk, built on first use and again when the count changes."""
+        count = self.count()
+        if self._bm25 is None or self._bm25[0] != count:
+            data = self.collection.get(include=["documents"])
+            self._bm25 = (count, BM25Index(data["ids"], data["documents"] or []))
+        return self._bm25[1]
+
+
+def _check_mode(mode: str) -> str:
+    if mode not in RETRIEVAL_MODES:
+        raise ValueError(f"Unknown retrieval mode {mode!r}. Use {', '.join(RETRIEVAL_MODES)}.")
+    return mode
