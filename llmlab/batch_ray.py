@@ -137,6 +137,12 @@ def connect(address: str | None) -> bool:
             "try again, or start Ray yourself with `ray start --head` and pass --ray auto."
         )
         raise RayError(f"could not start or reach {where} ({exc}). {hint}") from None
+    if address is None and ray.util.get_node_ip_address() != "127.0.0.1":
+        ray.shutdown()  # ray was imported before LOOPBACK_ENV was set: it took the network's
+        raise RayError(
+            f"a local Ray would listen on {ray.util.get_node_ip_address()}, not 127.0.0.1: set "
+            f"{LOOPBACK_ENV}=0 before ray is first imported, or pass the address of a cluster."
+        )
     return True
 
 
@@ -170,9 +176,9 @@ class RayRunner:
         chunk: int | None = None,
         worker: type[RowWorker] = RowWorker,
     ):
+        self.started = connect(address)  # first: it decides how ray is imported
         import ray
 
-        self.started = connect(address)
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         self.actor_cpus = actor_cpus or min(get_settings().threads, cpus)
         self.count = actors or max(1, cpus // self.actor_cpus)
