@@ -101,11 +101,12 @@ def _lab_environment() -> dict[str, str]:
     return {key: value for key, value in os.environ.items() if key.startswith("LLMLAB_")}
 
 
-def connect(address: str | None) -> bool:
+def connect(address: str | None, num_cpus: int | None = None) -> bool:
     """Connect to the Ray cluster at ``address``, or start a local one; ``True`` if this started it.
 
     A driver already connected (``ray.init`` called before) is used as it is. A local Ray
-    gets every core of this machine, listens on 127.0.0.1 only and has no dashboard.
+    gets ``num_cpus`` (default: every core of this machine), listens on 127.0.0.1 only and
+    has no dashboard.
 
     Raises:
         RayError: Ray could not start, or nothing answers at ``address``.
@@ -118,13 +119,7 @@ def connect(address: str | None) -> bool:
         return False
     try:
         if address is None:
-            ray.init(
-                num_cpus=os.cpu_count() or 1,
-                include_dashboard=False,
-                _node_ip_address="127.0.0.1",
-                log_to_driver=False,
-                logging_level="WARNING",
-            )
+            _start_local(num_cpus or os.cpu_count() or 1)
         else:
             ray.init(address=address, log_to_driver=False, logging_level="WARNING")
     except Exception as exc:  # Ray raises plain Exception/ConnectionError for both cases
@@ -144,6 +139,31 @@ def connect(address: str | None) -> bool:
             f"{LOOPBACK_ENV}=0 before ray is first imported, or pass the address of a cluster."
         )
     return True
+
+
+def _start_local(num_cpus: int) -> None:
+    """``ray.init`` for a one-machine Ray, tried twice.
+
+    The raylet gives the dashboard agent a fixed 15 s to report its ports and aborts if it
+    misses them, which happens on a machine whose cores are all busy; a second start
+    usually makes it (the agent's imports are then in the page cache).
+    """
+    import ray
+
+    for attempt in range(2):
+        try:
+            ray.init(
+                num_cpus=num_cpus,
+                include_dashboard=False,
+                _node_ip_address="127.0.0.1",
+                log_to_driver=False,
+                logging_level="WARNING",
+            )
+            return
+        except Exception:
+            ray.shutdown()
+            if attempt:
+                raise
 
 
 class RayRunner:

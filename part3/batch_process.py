@@ -4,7 +4,8 @@ Run every prompt in a file through a local model and write one JSON line per pro
 Prompts are decoded several at a time by the batched engine (``llmlab.engine``), rows are
 written as they finish, and ``--resume`` continues a run that was stopped or killed
 without losing or repeating a row. The reading, scheduling, resuming and writing live in
-``llmlab.batch``; this script wires them to the command line.
+``llmlab.batch``; this script wires them to the command line. ``--ray [ADDRESS]`` runs the
+rows on engines held by Ray actors instead (``llmlab.batch_ray``), with the same output.
 """
 
 from __future__ import annotations

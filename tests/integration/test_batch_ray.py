@@ -37,21 +37,7 @@ def ray_address():
     """One local Ray for the module's tests; its address, for a driver in another process."""
     import ray
 
-    # Ray's helper processes must report within a fixed window; on a crowded machine the
-    # first start can miss it, so one more try (a second start finds its imports cached).
-    for attempt in range(2):
-        try:
-            ray.init(
-                num_cpus=2,
-                include_dashboard=False,
-                _node_ip_address="127.0.0.1",
-                log_to_driver=False,
-            )
-            break
-        except Exception:
-            ray.shutdown()
-            if attempt:
-                raise
+    batch_ray.connect(None, num_cpus=2)  # ray.init(num_cpus=2) on 127.0.0.1, no dashboard
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 

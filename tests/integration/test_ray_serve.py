@@ -33,7 +33,7 @@ def served():
 
     from part5.combined_app.ray_serve import app
 
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    batch_ray.connect(None, num_cpus=2)  # ray.init(num_cpus=2) on 127.0.0.1, no dashboard
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
