@@ -4,7 +4,8 @@ Run every prompt in a file through a local model and write one JSON line per pro
 Prompts are decoded several at a time by the batched engine (``llmlab.engine``), rows are
 written as they finish, and ``--resume`` continues a run that was stopped or killed
 without losing or repeating a row. The reading, scheduling, resuming and writing live in
-``llmlab.batch``; this script wires them to the command line.
+``llmlab.batch``; this script wires them to the command line. ``--ray [ADDRESS]`` runs the
+rows on engines held by Ray actors instead (``llmlab.batch_ray``), with the same output.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ examples:
       --template "Summarise: {prompt}" --max-tokens 64 --temperature 0
   python part3/batch_process.py tasks.jsonl -o out.jsonl --resume     # continue after a kill
   python part3/batch_process.py tasks.jsonl -o out.jsonl --engine sequential  # one at a time
+  python part3/batch_process.py tasks.jsonl -o out.jsonl --ray        # engines on a local Ray
+  python part3/batch_process.py tasks.jsonl -o out.jsonl --ray auto   # the Ray cluster of this machine
 
 input formats:
   .jsonl  one JSON object a line: {"id": "q1", "prompt": "..."} or {"id": 7, "messages": [...]}
@@ -43,6 +46,11 @@ output: one JSON line per input row, in the order rows finish:
   its "error"; the run goes on.
 resume: rows with a readable result in OUTPUT are skipped; a damaged line in it (a torn write,
   a bad edit) is reported with its line number and moved to OUTPUT.damaged, and its row runs again.
+ray: --ray starts a local Ray for the run (every core, 127.0.0.1 only, no dashboard) or joins
+  the cluster at ADDRESS; each Ray actor holds one engine (--parallel slots, LLMLAB_THREADS
+  cores) and results are written as they come back, so --resume works as without Ray. Rows of a
+  worker that died are retried once, then written with their "error". Put --ray after INPUT
+  (or write --ray=ADDRESS), so INPUT is not taken for the address.
 exit status: 0 all rows done, 1 some rows failed (see their "error"), 2 usage or input problem,
 130 interrupted (rerun with --resume).
 """
@@ -95,6 +103,22 @@ def build_parser() -> argparse.ArgumentParser:
         default="batched",
         help="batched: the continuous-batching engine; sequential: one row at a time "
         "through the backend (default: batched)",
+    )
+    parser.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="run on Ray: a local Ray for the run, or the cluster at ADDRESS "
+        "(auto, HOST:PORT or ray://HOST:10001)",
+    )
+    parser.add_argument(
+        "--ray-actors",
+        type=int,
+        default=None,
+        metavar="N",
+        help="engines on Ray (default: as many as the cluster's CPUs hold at LLMLAB_THREADS each)",
     )
     parser.add_argument(
         "--n-ctx",
@@ -167,6 +191,18 @@ def _model(name: str | None) -> registry.ModelSpec:
 def _outcomes(
     args: argparse.Namespace, rows: list[batch.InputRow], params: GenerationParams, resources: list
 ) -> Iterator[batch.Outcome]:
+    if args.ray is not None:
+        from llmlab import batch_ray  # only here: a run without --ray never imports ray
+
+        runner = batch_ray.RayRunner(
+            args.ray or None,
+            model=args.model,
+            parallel=args.parallel,
+            n_ctx=args.n_ctx,
+            actors=args.ray_actors,
+        )
+        resources.append(runner)
+        return runner.run(rows, params, args.system, args.template)
     spec = _model(args.model)
     if args.engine == "sequential":
         from llmlab import backends
@@ -239,6 +275,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.parallel < 1 or args.max_tokens < 1:
         _error("error: --parallel and --max-tokens must be at least 1.")
+        return 2
+    if args.ray is not None and args.engine == "sequential":
+        _error("error: --ray runs the batched engine on each Ray worker; drop --engine sequential.")
+        return 2
+    if args.ray_actors is not None and (args.ray is None or args.ray_actors < 1):
+        _error("error: --ray-actors needs --ray and must be at least 1.")
         return 2
     problem = _check_paths(args) or _check_model(args.model)
     if problem:
