@@ -34,7 +34,6 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from llama_cpp.llama_grammar import json_schema_to_gbnf
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 
@@ -44,6 +43,10 @@ class SchemaError(ValueError):
 
 class StructuredOutputError(ValueError):
     """A reply that does not parse as JSON or does not validate against its schema."""
+
+
+class ReplyCutShortError(StructuredOutputError):
+    """``max_tokens`` ended a reply before its JSON was complete."""
 
 
 # Keywords the converter enforces, and annotations that constrain nothing.
@@ -77,6 +80,9 @@ def grammar_for_schema(schema: dict) -> str:
 
     Raises :class:`SchemaError` naming the part the converter cannot enforce.
     """
+    # Imported here: loading llama_cpp loads libllama, which a remote-only process never needs.
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
     _check_is_schema(schema)
     _check_supported(schema, "$")
     try:

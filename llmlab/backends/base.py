@@ -7,6 +7,12 @@ Scripts, notebooks and the server only ever talk to a :class:`Backend`::
     reply.text, reply.usage.completion_tokens, reply.timings.tokens_per_second
     for chunk in model.stream_chat(messages):
         print(chunk.text, end="")
+    person = model.chat(messages, schema=Person)    # a validated Person (pydantic model)
+
+With ``schema=`` (a pydantic model, a type or a JSON-schema dict) the reply is held to the
+schema while it is decoded (a grammar in llama.cpp and transformers, ``response_format`` on a
+server) and comes back parsed and validated; every backend gets this from :meth:`Backend.chat`,
+which passes ``json_schema=`` to its ``stream_chat``.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from llmlab import structured
 
 Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": "..."}
 
@@ -167,6 +175,22 @@ def collect(chunks: Iterator[Chunk]) -> Result:
     )
 
 
+def typed_reply(result: Result, schema: Any) -> Any:
+    """``result``'s text parsed and validated against ``schema``; a reply that ``max_tokens``
+    cut short is a :class:`~llmlab.structured.ReplyCutShortError` saying so."""
+    if result.finish_reason == "length":
+        raise structured.ReplyCutShortError(
+            f"The reply was cut short at max_tokens ({result.usage.completion_tokens} tokens) "
+            f"before its JSON was complete: {result.text[:80]!r}... Raise max_tokens "
+            "(or ask for a smaller object)."
+        )
+    if result.finish_reason == "interrupted":
+        raise structured.StructuredOutputError(
+            "The reply was interrupted before its JSON was complete."
+        )
+    return structured.validate_reply(result.text, schema)
+
+
 class Backend(ABC):
     """A loaded (or lazily loadable) model behind one interface.
 
@@ -176,13 +200,30 @@ class Backend(ABC):
 
     name: str = "base"
 
-    @abstractmethod
-    def chat(self, messages: list[Message], **params: Any) -> Result:
-        """Reply to a conversation, using the model's own chat template."""
+    def chat(self, messages: list[Message], schema: Any = None, **params: Any) -> Any:
+        """Reply to a conversation, using the model's own chat template.
+
+        Returns a :class:`Result`; with ``schema`` (a pydantic model, a type or a JSON-schema
+        dict) the reply is held to the schema and returned parsed and validated instead (a
+        pydantic object, or a dict/list for a dict schema).
+
+        Raises:
+            SchemaError: a schema this backend cannot hold (the message names the part).
+            ReplyCutShortError: ``max_tokens`` ended the reply before the JSON was complete.
+            StructuredOutputError: the reply does not validate (a server that ignored the schema).
+        """
+        if schema is None:
+            return collect(self.stream_chat(messages, **params))
+        json_schema = structured.json_schema_of(schema)
+        result = collect(self.stream_chat(messages, json_schema=json_schema, **params))
+        return typed_reply(result, schema)
 
     @abstractmethod
-    def stream_chat(self, messages: list[Message], **params: Any) -> Iterator[Chunk]:
-        """Like :meth:`chat`, yielding text pieces as they are decoded."""
+    def stream_chat(
+        self, messages: list[Message], json_schema: dict | None = None, **params: Any
+    ) -> Iterator[Chunk]:
+        """Like :meth:`chat`, yielding text pieces as they are decoded; with ``json_schema``
+        the text is held to that JSON schema."""
 
     @abstractmethod
     def complete(self, prompt: str, **params: Any) -> Result:

@@ -228,7 +228,11 @@ class LlamaCppBackend(LocalBackend):
 
     # --- decoding -----------------------------------------------------------------
 
-    def _steps(self, prompt_ids: list[int], params: GenerationParams) -> Iterator[Step]:
+    def _steps(
+        self, prompt_ids: list[int], params: GenerationParams, grammar: str | None = None
+    ) -> Iterator[Step]:
+        from llama_cpp import LlamaGrammar
+
         if params.seed is not None:
             self._llm.set_seed(params.seed)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -240,6 +244,7 @@ class LlamaCppBackend(LocalBackend):
             top_p=params.top_p,
             min_p=0.0,
             repeat_penalty=params.repeat_penalty,
+            grammar=LlamaGrammar.from_string(grammar) if grammar else None,
         )
         try:
             if params.max_tokens <= 0:

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from llmlab import structured
 from llmlab.backends.base import (
     Backend,
     BackendError,
@@ -125,8 +126,11 @@ class LocalBackend(Backend):
         """Token ids of ``text``; ``special`` parses control tokens such as ``<|im_start|>``."""
 
     @abstractmethod
-    def _steps(self, prompt_ids: list[int], params: GenerationParams) -> Iterator[Step]:
-        """Decode after ``prompt_ids`` until an end-of-turn token or ``max_tokens``.
+    def _steps(
+        self, prompt_ids: list[int], params: GenerationParams, grammar: str | None = None
+    ) -> Iterator[Step]:
+        """Decode after ``prompt_ids`` until an end-of-turn token or ``max_tokens``; with
+        ``grammar`` (GBNF, rule ``root``) only tokens it allows are sampled.
         Closing the generator must stop decoding and leave the model reusable."""
 
     @abstractmethod
@@ -210,20 +214,21 @@ class LocalBackend(Backend):
 
     # --- requests -----------------------------------------------------------------
 
-    def chat(self, messages: list[Message], **params: Any) -> Result:
-        return collect(self.stream_chat(messages, **params))
-
     def complete(self, prompt: str, **params: Any) -> Result:
         return collect(self.stream_complete(prompt, **params))
 
-    def stream_chat(self, messages: list[Message], **params: Any) -> Iterator[Chunk]:
+    def stream_chat(
+        self, messages: list[Message], json_schema: dict | None = None, **params: Any
+    ) -> Iterator[Chunk]:
         gen = GenerationParams.from_kwargs(**params)
+        # A schema the grammar cannot hold fails here, before anything is decoded.
+        grammar = structured.grammar_for_schema(json_schema) if json_schema is not None else None
 
         def prompt_ids() -> list[int]:
             # The template writes BOS itself where the model wants one (as transformers does).
             return self._encode(self._render_chat(messages, True), add_bos=False, special=True)
 
-        return self._run(prompt_ids, gen)
+        return self._run(prompt_ids, gen, grammar)
 
     def stream_complete(self, prompt: str, **params: Any) -> Iterator[Chunk]:
         gen = GenerationParams.from_kwargs(**params)
@@ -233,16 +238,20 @@ class LocalBackend(Backend):
         if prompt_tokens + max_tokens > self.context_length:
             raise ContextOverflowError(prompt_tokens, max_tokens, self.context_length)
 
-    def _run(self, make_ids, params: GenerationParams) -> Iterator[Chunk]:
+    def _run(
+        self, make_ids, params: GenerationParams, grammar: str | None = None
+    ) -> Iterator[Chunk]:
         # Load, tokenize and check the context before the first next(), so errors surface
         # where the stream is created rather than half-way through a loop.
         with self._lock:
             self.ensure_loaded()
             ids = make_ids()
         self._check_fits(len(ids), params.max_tokens)
-        return self._generate(ids, params)
+        return self._generate(ids, params, grammar)
 
-    def _generate(self, ids: list[int], params: GenerationParams) -> Iterator[Chunk]:
+    def _generate(
+        self, ids: list[int], params: GenerationParams, grammar: str | None
+    ) -> Iterator[Chunk]:
         self._acquire()
         start = time.perf_counter()
         first = None
@@ -251,7 +260,7 @@ class LocalBackend(Backend):
         matcher = StopMatcher(params.stop)
         try:
             self.ensure_loaded()  # again: another thread may have closed it meanwhile
-            steps = self._steps(ids, params)
+            steps = self._steps(ids, params, grammar)
             try:
                 for step in steps:
                     if first is None and step.tokens:

@@ -15,6 +15,7 @@ says which one is in use.
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -216,9 +217,22 @@ class RemoteBackend(Backend):
             body["extra_body"] = extra
         return body
 
-    def stream_chat(self, messages: list[Message], **params: Any) -> Iterator[Chunk]:
+    def stream_chat(
+        self, messages: list[Message], json_schema: dict | None = None, **params: Any
+    ) -> Iterator[Chunk]:
         gen = GenerationParams.from_kwargs(**params)
         body = self._request(gen, params)
+        if (
+            json_schema is not None
+        ):  # the server holds the reply to it (OpenAI's structured outputs)
+            body["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {
+                    "name": _schema_name(json_schema),
+                    "schema": json_schema,
+                    "strict": True,
+                },
+            }
         prompt_text = "\n".join(m.get("content", "") for m in messages)
         return self._stream(
             self.client.chat.completions.create, dict(body, messages=messages), prompt_text
@@ -228,9 +242,6 @@ class RemoteBackend(Backend):
         gen = GenerationParams.from_kwargs(**params)
         body = self._request(gen, params)
         return self._stream(self.client.completions.create, dict(body, prompt=prompt), prompt)
-
-    def chat(self, messages: list[Message], **params: Any) -> Result:
-        return collect(self.stream_chat(messages, **params))
 
     def complete(self, prompt: str, **params: Any) -> Result:
         return collect(self.stream_complete(prompt, **params))
@@ -315,3 +326,9 @@ class RemoteBackend(Backend):
         if self._client is not None:
             self._client.close()
             self._client = None
+
+
+def _schema_name(schema: dict) -> str:
+    """The ``json_schema.name`` OpenAI requires: the schema's title in its allowed characters."""
+    name = re.sub(r"[^A-Za-z0-9_-]", "_", str(schema.get("title") or "reply"))
+    return name[:64]

@@ -68,6 +68,7 @@ class TransformersBackend(LocalBackend):
         # info() names the folder this object really uses).
         self.checkpoint_dir: Path = hf_checkpoint.checkpoint_dir(spec, self.settings)
         self._stop_ids: list[int] = []
+        self._vocab: _LlamaVocab | None = None  # llama.cpp's tokenizer, for grammars
 
     @property
     def loaded(self) -> bool:
@@ -206,6 +207,30 @@ class TransformersBackend(LocalBackend):
         self.model = None
         self.tokenizer = None
         self.loaded_from = None
+        if self._vocab is not None:
+            self._vocab.free()
+            self._vocab = None
+
+    def _grammar_processor(self, grammar: str, prompt_length: int, params: GenerationParams):
+        """A logits processor that holds the reply to ``grammar`` with llama.cpp's sampler.
+
+        llama.cpp's grammar works on llama.cpp's token ids; the checkpoint was converted from
+        the GGUF file, so its tokenizer has the same ids (checked: the same vocabulary size).
+        """
+        if Path(str(self.spec.path)).suffix != ".gguf":
+            raise BackendError(
+                f"schema= on the transformers backend needs a GGUF model (its grammar runs on "
+                f"llama.cpp's tokenizer of the same file); {self.spec.ref} is a folder of "
+                "weights. Use --backend llama.cpp with its GGUF file."
+            )
+        if self._vocab is None:
+            self._vocab = _LlamaVocab(Path(str(self.spec.path)))
+        if self._vocab.n_vocab != len(self.tokenizer):
+            raise BackendError(
+                f"the tokenizer of {self.spec.ref} has {len(self.tokenizer)} tokens and its "
+                f"GGUF file {self._vocab.n_vocab}: a grammar cannot be applied. Use --backend llama.cpp."
+            )
+        return _grammar_logits(self._vocab, grammar, prompt_length, params)
 
     # --- tokens -------------------------------------------------------------------
 
@@ -265,9 +290,16 @@ class TransformersBackend(LocalBackend):
 
     # --- decoding -----------------------------------------------------------------
 
-    def _steps(self, prompt_ids: list[int], params: GenerationParams) -> Iterator[Step]:
+    def _steps(
+        self, prompt_ids: list[int], params: GenerationParams, grammar: str | None = None
+    ) -> Iterator[Step]:
         import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+        from transformers import (
+            LogitsProcessorList,
+            StoppingCriteria,
+            StoppingCriteriaList,
+            TextIteratorStreamer,
+        )
 
         if params.max_tokens <= 0:
             yield Step("", 0, "length")
@@ -309,12 +341,16 @@ class TransformersBackend(LocalBackend):
             "streamer": streamer,
             "stopping_criteria": StoppingCriteriaList([Cancelled()]),
         }
-        if greedy:
+        if greedy or grammar:
+            # With a grammar its processor also samples' warps (after the mask; see _grammar_logits).
             kwargs.update(temperature=None, top_p=None, top_k=None)
         else:
             kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
-            if params.seed is not None:
-                torch.manual_seed(params.seed)
+        if grammar:
+            processor = self._grammar_processor(grammar, len(prompt_ids), params)
+            kwargs["logits_processor"] = LogitsProcessorList([processor])
+        if not greedy and params.seed is not None:
+            torch.manual_seed(params.seed)
         errors: list[BaseException] = []
 
         def work() -> None:
@@ -339,6 +375,8 @@ class TransformersBackend(LocalBackend):
         finally:
             cancel.set()  # a consumer that stops early ends generate() at the next token
             thread.join()
+            if grammar:
+                processor.free()
 
     def info(self) -> dict[str, Any]:
         """The usual keys, plus ``checkpoint`` (the cache folder for a GGUF file) and
@@ -382,3 +420,70 @@ def _drop_gguf_marker(model) -> None:
             "the 'kernels' package or use the model without --quantization."
         )
     quantizer.remove_quantization_config(model)
+
+
+class _LlamaVocab:
+    """llama.cpp's tokenizer of a GGUF file (vocabulary only: no weights are read)."""
+
+    def __init__(self, path: Path):
+        import llama_cpp
+
+        self._ll = llama_cpp
+        params = llama_cpp.llama_model_default_params()
+        params.vocab_only = True
+        self._model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+        if not self._model:
+            raise BackendError(f"llama.cpp could not read the vocabulary of {path}")
+        self.vocab = llama_cpp.llama_model_get_vocab(self._model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+
+    def free(self) -> None:
+        if self._model:
+            self._ll.llama_model_free(self._model)
+            self._model = None
+
+
+def _grammar_logits(vocab: _LlamaVocab, grammar: str, prompt_length: int, params: GenerationParams):
+    """A transformers logits processor: llama.cpp's grammar mask, then the sampling warps.
+
+    transformers runs its own temperature / top-k / top-p before any custom processor; a
+    top-k cut first could leave no token the grammar allows, so with a grammar those warps
+    run here, after the mask (llama.cpp's sampler chain has the same order).
+    """
+    import torch
+    from transformers import (
+        LogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    from llmlab.engine import Grammar  # llama.cpp's grammar sampler, as the engine uses it
+
+    warps = []
+    if params.temperature > 0:
+        warps.append(TemperatureLogitsWarper(params.temperature))
+        if params.top_k > 0:
+            warps.append(TopKLogitsWarper(params.top_k))
+        if params.top_p < 1.0:
+            warps.append(TopPLogitsWarper(params.top_p))
+
+    class GrammarLogits(LogitsProcessor):
+        def __init__(self):
+            self.grammar = Grammar(vocab._ll, vocab.vocab, vocab.n_vocab, grammar)
+
+        def __call__(self, input_ids, scores):
+            if input_ids.shape[1] > prompt_length:  # the grammar moves past the last token
+                self.grammar.accept(int(input_ids[0, -1]))
+            n = vocab.n_vocab
+            masked = self.grammar.constrain(scores[0, :n].float().cpu().numpy())
+            out = torch.full_like(scores, float("-inf"))
+            out[0, :n] = torch.from_numpy(masked).to(scores.dtype)
+            for warp in warps:
+                out = warp(input_ids, out)
+            return out
+
+        def free(self) -> None:
+            self.grammar.free()
+
+    return GrammarLogits()

@@ -12,19 +12,27 @@ import pytest
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel
 
 from llmlab import backends, registry
 from llmlab.backends.llamacpp import LlamaCppBackend
 from llmlab.backends.remote import RemoteBackend
 from llmlab.settings import get_settings
+from llmlab.structured import StructuredOutputError
 
 MODEL_ID = "smollm2"
 SKY = [{"role": "user", "content": "What color is the sky?"}]
+HELLO = [{"role": "user", "content": "Say hello in one word."}]
 
 
-def make_app(model, tokenizer: bool = True) -> FastAPI:
-    """The OpenAI routes a client needs, answering with ``model`` (any llmlab Backend)."""
+def make_app(model, tokenizer: bool = True, schemas: bool = True) -> FastAPI:
+    """The OpenAI routes a client needs, answering with ``model`` (any llmlab Backend).
+
+    ``response_format`` json_schema is honoured (``schemas=False``: ignored, as by a server
+    that does not know it); ``app.state.bodies`` records each chat request's body.
+    """
     app = FastAPI()
+    app.state.bodies = []
 
     @app.get("/v1/models")
     def models():
@@ -54,9 +62,13 @@ def make_app(model, tokenizer: bool = True) -> FastAPI:
             return JSONResponse(
                 {"error": {"message": f"model {body.get('model')!r} not found"}}, status_code=404
             )
+        app.state.bodies.append(body)
         params = {
             k: body[k] for k in ("max_tokens", "temperature", "top_p", "seed", "stop") if k in body
         }
+        response_format = body.get("response_format") or {}
+        if schemas and response_format.get("type") == "json_schema":
+            params["json_schema"] = response_format["json_schema"]["schema"]
         with_usage = (body.get("stream_options") or {}).get("include_usage", False)
 
         def events():
@@ -108,8 +120,13 @@ def local_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def base_url(local_model):
-    yield from serve(make_app(local_model))
+def app(local_model):
+    return make_app(local_model)
+
+
+@pytest.fixture(scope="module")
+def base_url(app):
+    yield from serve(app)
 
 
 @pytest.mark.slow
@@ -133,6 +150,36 @@ def test_stream_chat_yields_pieces_then_totals(base_url):
     assert len(chunks) > 2 and all(c.finish_reason is None for c in chunks[:-1])
     assert "blue" in "".join(c.text for c in chunks).lower()
     assert chunks[-1].finish_reason in ("stop", "length") and chunks[-1].usage.completion_tokens > 0
+
+
+class Person(BaseModel):
+    name: str
+    age: int
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(3))
+def test_a_schema_goes_to_the_server_and_sampled_replies_come_back_validated(app, base_url, seed):
+    remote = RemoteBackend(MODEL_ID, base_url=base_url)
+    ask = [{"role": "user", "content": "Invent a person: name and age."}]
+    person = remote.chat(ask, schema=Person, temperature=1.0, seed=seed, max_tokens=64)
+    assert isinstance(person, Person)
+    assert app.state.bodies[-1]["response_format"] == {
+        "type": "json_schema",
+        "json_schema": {"name": "Person", "schema": Person.model_json_schema(), "strict": True},
+    }
+
+
+@pytest.mark.slow
+def test_a_server_that_ignores_the_schema_is_an_error_naming_what_failed(local_model):
+    gen = serve(make_app(local_model, schemas=False))
+    url = next(gen)
+    try:
+        remote = RemoteBackend(MODEL_ID, base_url=url)
+        with pytest.raises(StructuredOutputError, match="reply does not validate|not JSON"):
+            remote.chat(HELLO, schema=Person, temperature=0, max_tokens=64)
+    finally:
+        next(gen, None)
 
 
 @pytest.mark.slow
