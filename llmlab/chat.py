@@ -163,6 +163,8 @@ class ChatSession:
         system: str | None = None,
         params: GenerationParams | dict[str, Any] | None = None,
         model: str | None = None,
+        tools: list[Any] | None = None,
+        max_tool_steps: int = 4,
     ) -> None:
         self.backend = backend
         self.model = model or _model_name(backend)
@@ -174,6 +176,12 @@ class ChatSession:
         self.last_dropped: list[dict[str, Any]] = []
         self.last_result: Result | None = None
         self.created = _now()
+        # With tools each reply runs llmlab.tools.run_tools: the model may call them (each
+        # call is passed to on_tool_step as it finishes) before it answers.
+        self.tools = tools or []
+        self.max_tool_steps = max_tool_steps
+        self.on_tool_step: Any = None
+        self.last_tool_run: Any = None
 
     # ----- history -------------------------------------------------------------------
 
@@ -305,7 +313,45 @@ class ChatSession:
             raise
         self.last_dropped = fit.dropped
         request = {**asdict(self.params), **overrides, "max_tokens": fit.reply_budget}
+        if self.tools:
+            return self._tool_reply(request, fit.prompt_tokens)
         return self._generate(request, fit.prompt_tokens)
+
+    def _tool_reply(self, request: dict[str, Any], prompt_tokens: int) -> Iterator[Chunk]:
+        """The reply after the tool loop: one chunk with the answer, then the totals.
+
+        The answer is the model's ``response`` field (its raw reply is JSON, not for showing);
+        the assistant message also records ``tool_steps``, each call with its result or error.
+        """
+        from llmlab.tools import run_tools
+
+        start = time.perf_counter()
+        try:
+            run = run_tools(
+                self.backend,
+                self.prompt_messages(),
+                self.tools,
+                self.max_tool_steps,
+                on_step=self.on_tool_step,
+                **request,
+            )
+        except KeyboardInterrupt:  # nothing was answered yet: an empty, interrupted reply
+            self._finish([], None, start, None, prompt_tokens)
+            yield Chunk("", "interrupted", self.last_result.usage, self.last_result.timings)
+            return
+        except Exception:
+            self.messages.pop()
+            raise
+        self.last_tool_run = run
+        total = time.perf_counter() - start
+        completion = self.count_tokens(run.answer)
+        final = Chunk(
+            "", "stop", Usage(prompt_tokens, completion), Timings(total, total, completion)
+        )
+        self._finish([run.answer], final, start, start + total, prompt_tokens)
+        self.messages[-1]["tool_steps"] = [step.to_dict() for step in run.steps]
+        yield Chunk(run.answer)
+        yield final
 
     def _generate(self, request: dict[str, Any], prompt_tokens: int) -> Iterator[Chunk]:
         parts: list[str] = []

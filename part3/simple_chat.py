@@ -21,6 +21,9 @@ from llmlab import backends, registry
 from llmlab.backends.base import Backend, BackendError, GenerationParams, Result
 from llmlab.chat import ChatError, ChatSession, parse_param
 from llmlab.settings import get_settings
+from llmlab.structured import StructuredOutputError
+
+DOCS = Path(__file__).resolve().parent / "data" / "docs"  # what --tools searches
 
 EXAMPLES = """\
 examples:
@@ -30,6 +33,7 @@ examples:
   python part3/simple_chat.py --prompt "What is a GGUF file?"   one question, one answer
   echo "Name a colour." | python part3/simple_chat.py --prompt - --json
   python part3/simple_chat.py --backend transformers            the same GGUF through PyTorch
+  python part3/simple_chat.py --tools --prompt "What is 17 * 23?"   the model may call tools
   python part3/simple_chat.py --backend openai --base-url http://localhost:8000/v1 --model smollm2-135m-instruct
 
 commands inside the chat:
@@ -129,6 +133,19 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with --prompt: print one JSON object (reply, usage, timings)",
     )
+    parser.add_argument(
+        "--tools",
+        action="store_true",
+        help="let the model call tools: a calculator and a search over part3/data/docs "
+        "(document_qa.py's default collection, built on first use)",
+    )
+    parser.add_argument(
+        "--max-tool-steps",
+        type=_positive,
+        default=4,
+        metavar="N",
+        help="with --tools: rounds of tool calls before the model must answer (default: 4)",
+    )
     return parser
 
 
@@ -217,6 +234,42 @@ class Ui:
         return line
 
 
+def chat_tools(ui: Ui, quiet: bool = False) -> list[Any]:
+    """The built-in tools for ``--tools``: the calculator, and a search over the documents in
+    document_qa.py's default collection (built from part3/data/docs if it is empty).
+
+    Without an embedding model (or with a broken store) the search is left out, and a
+    notice says why; the chat goes on with the calculator.
+    """
+    from llmlab.rag import DEFAULT_COLLECTION, DocumentStore, RagError
+    from llmlab.rag.store import display_path
+    from llmlab.tools import calculator, document_search
+
+    say = (lambda text: None) if quiet else ui.notice
+    try:
+        store = DocumentStore(DEFAULT_COLLECTION, create=True)
+        if store.count() == 0:
+            say(f"building the document index from {display_path(DOCS)} (first use only)")
+            store.ingest([DOCS])
+        search = document_search(store)
+    except (RagError, BackendError, OSError, ValueError) as exc:
+        say(f"tools: calculator (no document search: {exc})")
+        return [calculator]
+    say(
+        f"tools: calculator, search_documents (collection {store.name!r}: {store.count()} "
+        f"chunks in {display_path(store.db_dir)})"
+    )
+    return [calculator, search]
+
+
+def _show_step(ui: Ui, step: Any) -> None:
+    arguments = ", ".join(f"{k}={v!r}" for k, v in step.arguments.items())
+    outcome = f"error: {step.error}" if step.error else json.dumps(step.to_dict()["result"])
+    if len(outcome) > 160:
+        outcome = outcome[:157] + "..."
+    ui.notice(f"tool {step.name}({arguments}) -> {outcome}")
+
+
 def _fmt(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
@@ -286,7 +339,7 @@ class ChatApp:
                     self.ui.piece(chunk.text)
         except KeyboardInterrupt:
             chunks.close()  # type: ignore[attr-defined]  # keeps the partial reply, marked
-        except BackendError as exc:
+        except (BackendError, StructuredOutputError) as exc:  # the latter: a --tools reply
             self.ui.line()
             self.ui.error(str(exc))
             return None
@@ -466,7 +519,7 @@ def one_shot(app: ChatApp, text: str, as_json: bool) -> int:
         return 130 if result.finish_reason == "interrupted" else 0
     try:
         result = app.session.send(text)
-    except (ChatError, BackendError) as exc:
+    except (ChatError, BackendError, StructuredOutputError) as exc:
         app.ui.error(str(exc))
         return 1
     saved = app.save_history()
@@ -476,6 +529,8 @@ def one_shot(app: ChatApp, text: str, as_json: bool) -> int:
         **result.to_dict(),
         "dropped_messages": len(app.session.last_dropped),
     }
+    if app.session.tools:
+        data["tool_steps"] = app.session.messages[-1].get("tool_steps", [])
     del data["text"]
     print(json.dumps(data, ensure_ascii=False))
     if not saved:
@@ -523,6 +578,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     with model:
         session = ChatSession(model, system=args.system, params=params)
+        if args.tools:
+            session.tools = chat_tools(ui, quiet=args.json)
+            session.max_tool_steps = args.max_tool_steps
+            if not args.json:
+                session.on_tool_step = lambda step: _show_step(ui, step)
         if args.history is not None and args.history.exists():
             try:
                 session.load(args.history)

@@ -178,6 +178,11 @@ def collect(chunks: Iterator[Chunk]) -> Result:
 def typed_reply(result: Result, schema: Any) -> Any:
     """``result``'s text parsed and validated against ``schema``; a reply that ``max_tokens``
     cut short is a :class:`~llmlab.structured.ReplyCutShortError` saying so."""
+    return structured.validate_reply(complete_reply(result).text, schema)
+
+
+def complete_reply(result: Result) -> Result:
+    """``result``, unless ``max_tokens`` or an interrupt ended its JSON before it was complete."""
     if result.finish_reason == "length":
         raise structured.ReplyCutShortError(
             f"The reply was cut short at max_tokens ({result.usage.completion_tokens} tokens) "
@@ -188,7 +193,7 @@ def typed_reply(result: Result, schema: Any) -> Any:
         raise structured.StructuredOutputError(
             "The reply was interrupted before its JSON was complete."
         )
-    return structured.validate_reply(result.text, schema)
+    return result
 
 
 class Backend(ABC):

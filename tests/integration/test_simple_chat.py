@@ -340,3 +340,32 @@ def test_params_out_of_range_are_refused_and_the_chat_goes_on(chat):
     )
     assert "error: top_p must be above 0 and at most 1 (1 keeps every token), not 0.0." in err
     assert "temperature: 0\n" in out  # unchanged
+
+
+@pytest.mark.slow
+def test_tools_shows_what_it_uses_each_call_and_an_answer(chat, tmp_path):
+    saved = tmp_path / "chat.json"
+    lines = ["What is 17 * 23? Use the calculator.", f"/save {saved}", "/exit"]
+    args = ["--tools", "--max-tool-steps", "1", "--temperature", "0", "--max-tokens", "64"]
+    code, out, err = chat(lines, *args, "--ctx", "2048")
+    assert code == 0, err
+    # Which tools, and which collection the search uses (built from part3/data/docs here).
+    assert "[building the document index from part3/data/docs (first use only)]" in out
+    assert "[tools: calculator, search_documents (collection 'default': " in out
+    reply = out.split("you> What is 17 * 23? Use the calculator.\n", 1)[1]
+    calls = [line for line in reply.splitlines() if line.startswith("[tool ")]
+    assert all(" -> " in line for line in calls), reply
+    steps = _messages(saved)[1]["tool_steps"]
+    assert len(steps) == len(calls)  # every call the model made was shown
+    assert all(s["name"] in ("calculator", "search_documents") for s in steps)
+    assert all((s["error"] is None) != (s["result"] is None) for s in steps)
+    answer = reply.splitlines()[len(calls)]
+    assert answer.strip() and not answer.startswith("{"), reply  # the answer text, not JSON
+
+
+@pytest.mark.slow
+def test_tools_with_too_few_tokens_says_the_reply_was_cut_short(chat):
+    code, out, err = chat(["What is 2 + 2?"], "--tools", "--max-tokens", "3", "--prompt", "-")
+    assert code == 1
+    assert "error: The reply was cut short at max_tokens (3 tokens)" in err
+    assert "Raise max_tokens" in err
