@@ -89,8 +89,8 @@ def test_ctrl_c_inside_the_engine_keeps_the_partial_reply(chat, monkeypatch, tmp
 
     original = LlamaCppBackend._steps
 
-    def steps(self, prompt_ids, params):
-        for n, step in enumerate(original(self, prompt_ids, params)):
+    def steps(self, prompt_ids, params, grammar=None):
+        for n, step in enumerate(original(self, prompt_ids, params, grammar)):
             if n == 3:
                 raise KeyboardInterrupt  # Ctrl-C lands while llama.cpp is decoding
             yield step
