@@ -96,12 +96,14 @@ def plan_chat(
     schema: dict[str, Any] | None = None,
     tools: list[dict[str, Any]] | None = None,
     tool_choice: str = "auto",
+    parallel_tool_calls: bool = True,
     where: Where | None = None,
 ) -> ChatJob:
     """A :class:`ChatJob` for OpenAI-shaped ``messages`` (assistant ``tool_calls`` and ``tool``
     results included). ``schema`` (or ``json_object``) holds the reply to JSON; ``tools``
     (OpenAI's ``{"type": "function", "function": {...}}`` entries) with ``tool_choice``
-    ``auto``, ``required`` or a tool's name hold it to the tool format (``none``: plain text).
+    ``auto``, ``required`` or a tool's name hold it to the tool format (``none``: plain text),
+    with one call at most unless ``parallel_tool_calls``.
 
     Raises a 400 :class:`APIError` naming the field for a schema the converter cannot hold,
     an unknown tool name, or a tool result that answers no call.
@@ -129,7 +131,9 @@ def plan_chat(
     except ValueError as exc:
         raise APIError(400, f"Invalid messages: {exc}.", param=where.messages) from exc
     if active:
-        grammar = _grammar(lambda: structured.tool_grammar(active, tool_choice), where.tools)
+        grammar = _grammar(
+            lambda: structured.tool_grammar(active, tool_choice, parallel_tool_calls), where.tools
+        )
         return ChatJob(prepared, params, grammar, active)
     if schema is not None:
         grammar = _grammar(lambda: structured.grammar_for_schema(schema), where.schema)

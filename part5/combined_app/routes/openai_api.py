@@ -164,6 +164,7 @@ def _chat_job(body: ChatCompletionRequest, service: ModelService):
         schema=format_.json_schema.schema_ if isinstance(format_, JSONSchemaFormat) else None,
         tools=[t.model_dump(exclude_none=True) for t in body.tools or []],
         tool_choice=choice if isinstance(choice, str) else choice.function.name,
+        parallel_tool_calls=body.parallel_tool_calls is not False,
     )
 
 

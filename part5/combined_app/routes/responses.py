@@ -116,6 +116,7 @@ def _job(body: ResponsesRequest, settings: Any) -> ChatJob:
         schema=format_.schema_ if isinstance(format_, ResponseJSONSchema) else None,
         tools=tools,
         tool_choice=choice if isinstance(choice, str) else choice.name,
+        parallel_tool_calls=body.parallel_tool_calls is not False,
         where=WHERE,
     )
 
