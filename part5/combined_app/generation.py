@@ -247,6 +247,15 @@ async def stream_reply(
     yield _reply(job, "".join(parts), last)
 
 
+# Streamed tool-call arguments go out in pieces of this many characters.
+ARGUMENT_PIECE = 16
+
+
+def argument_pieces(arguments: str) -> list[str]:
+    """A tool call's JSON arguments cut into the pieces a stream sends."""
+    return [arguments[i : i + ARGUMENT_PIECE] for i in range(0, len(arguments), ARGUMENT_PIECE)]
+
+
 # --- connections ---------------------------------------------------------------------------
 
 # nginx's "client closed request": logged for a reply nobody is left to read.

@@ -31,8 +31,10 @@ from part5.combined_app import replies
 from part5.combined_app.errors import APIError, responses
 from part5.combined_app.generation import (
     CLIENT_CLOSED,
+    ChatJob,
     Reply,
     Timed,
+    argument_pieces,
     collect,
     event_stream,
     finish_reason,
@@ -152,7 +154,7 @@ async def get_model(model_id: str, request: Request) -> dict[str, Any]:
 # --- chat completions ---------------------------------------------------------------------
 
 
-def _chat_job(body: ChatCompletionRequest, service: ModelService):
+def _chat_job(body: ChatCompletionRequest, service: ModelService) -> ChatJob:
     """The request's messages, sampling, grammar and tools, checked (400s name the field)."""
     format_ = body.response_format
     choice = body.tool_choice or "auto"
@@ -187,10 +189,6 @@ def _chat_completion(
     )
 
 
-# Streamed arguments arrive in pieces of this many characters, as OpenAI sends them.
-ARGUMENT_PIECE = 16
-
-
 def _call_deltas(index: int, call: ToolCall) -> list[replies.ChatDelta]:
     """A streamed tool call: its id and name first, then its arguments in pieces."""
     first = replies.ToolCallDelta(
@@ -200,13 +198,8 @@ def _call_deltas(index: int, call: ToolCall) -> list[replies.ChatDelta]:
         function=replies.ToolCallDeltaFunction(name=call.name, arguments=""),
     )
     rest = [
-        replies.ToolCallDelta(
-            index=index,
-            function=replies.ToolCallDeltaFunction(
-                arguments=call.arguments[i : i + ARGUMENT_PIECE]
-            ),
-        )
-        for i in range(0, len(call.arguments), ARGUMENT_PIECE)
+        replies.ToolCallDelta(index=index, function=replies.ToolCallDeltaFunction(arguments=piece))
+        for piece in argument_pieces(call.arguments)
     ]
     return [replies.ChatDelta(tool_calls=[delta]) for delta in (first, *rest)]
 

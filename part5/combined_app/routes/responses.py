@@ -27,6 +27,7 @@ from fastapi.responses import Response
 
 from llmlab.structured import ToolCall
 from part5.combined_app import replies
+from part5.combined_app.config import ServerSettings
 from part5.combined_app.errors import APIError
 from part5.combined_app.errors import responses as error_responses
 from part5.combined_app.generation import (
@@ -35,6 +36,7 @@ from part5.combined_app.generation import (
     Reply,
     Timed,
     Where,
+    argument_pieces,
     event_stream,
     plan_chat,
     read_reply,
@@ -64,8 +66,6 @@ _REPLY = {
     }
 }
 WHERE = Where(messages="input", schema="text.format.schema")
-# Streamed arguments arrive in pieces of this many characters.
-ARGUMENT_PIECE = 16
 
 
 def _messages(body: ResponsesRequest) -> list[dict[str, Any]]:
@@ -97,7 +97,7 @@ def _messages(body: ResponsesRequest) -> list[dict[str, Any]]:
     return out
 
 
-def _job(body: ResponsesRequest, settings: Any) -> ChatJob:
+def _job(body: ResponsesRequest, settings: ServerSettings) -> ChatJob:
     format_ = body.text.format if body.text else None
     choice = body.tool_choice or "auto"
     tools = [
@@ -286,12 +286,12 @@ async def _events(
                 output_index=index,
                 item=dump(_call_item(piece, "in_progress")),
             )
-            for start in range(0, len(piece.arguments), ARGUMENT_PIECE):
+            for part in argument_pieces(piece.arguments):
                 yield event(
                     "response.function_call_arguments.delta",
                     item_id=item_id,
                     output_index=index,
-                    delta=piece.arguments[start : start + ARGUMENT_PIECE],
+                    delta=part,
                 )
             yield event(
                 "response.function_call_arguments.done",
