@@ -45,19 +45,20 @@ def sampling_params(body: Sampling, settings: ServerSettings) -> GenerationParam
     """The engine's sampling parameters for a request (every generating route calls this).
 
     Unset fields take the lab's defaults; a length over the server's limit is a 400 naming
-    the field that asked for it.
+    the field that asked for it (every length field is checked, whichever one wins).
     """
-    name, asked = body.asked_max_tokens()
     limit = settings.max_tokens_limit
-    if asked is not None and asked > limit:
-        raise APIError(
-            400,
-            f"{name} is {asked}, over this server's limit of {limit}. Ask for fewer.",
-            param=name,
-            code="max_tokens_too_large",
-        )
+    asked = [(name, value) for name, value in body.length_fields() if value is not None]
+    for name, value in asked:
+        if value > limit:
+            raise APIError(
+                400,
+                f"{name} is {value}, over this server's limit of {limit}. Ask for fewer.",
+                param=name,
+                code="max_tokens_too_large",
+            )
     return GenerationParams.from_kwargs(
-        max_tokens=asked or settings.default_max_tokens,
+        max_tokens=asked[0][1] if asked else settings.default_max_tokens,
         temperature=body.temperature,
         top_p=body.top_p,
         top_k=body.top_k,

@@ -309,9 +309,9 @@ class Sampling(_Lenient):
         stops = [value] if isinstance(value, str) else value
         return [s for s in stops if s]
 
-    def asked_max_tokens(self) -> tuple[str, int | None]:
-        """Which field asks for the reply's length, and its value (None: the default)."""
-        return "max_tokens", self.max_tokens
+    def length_fields(self) -> list[tuple[str, int | None]]:
+        """The fields that ask for the reply's length and their values, the one that wins first."""
+        return [("max_tokens", self.max_tokens)]
 
 
 class SamplingFields(Sampling):
@@ -323,10 +323,8 @@ class SamplingFields(Sampling):
     stream_options: StreamOptions | None = None
     n: Annotated[int, Field(ge=1), refused(1)] = 1
 
-    def asked_max_tokens(self) -> tuple[str, int | None]:
-        if self.max_completion_tokens is not None:
-            return "max_completion_tokens", self.max_completion_tokens
-        return super().asked_max_tokens()
+    def length_fields(self) -> list[tuple[str, int | None]]:
+        return [("max_completion_tokens", self.max_completion_tokens), *super().length_fields()]
 
 
 # OpenAI's limit: at most 20 alternatives per position.
@@ -466,10 +464,8 @@ class ResponsesRequest(Sampling):
     metadata: dict[str, str] | None = None
     previous_response_id: Annotated[str | None, refused(None)] = None
 
-    def asked_max_tokens(self) -> tuple[str, int | None]:
-        if self.max_output_tokens is not None:
-            return "max_output_tokens", self.max_output_tokens
-        return super().asked_max_tokens()
+    def length_fields(self) -> list[tuple[str, int | None]]:
+        return [("max_output_tokens", self.max_output_tokens), *super().length_fields()]
 
 
 MAX_EMBEDDING_INPUTS = 2048

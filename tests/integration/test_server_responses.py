@@ -170,6 +170,7 @@ def test_a_streamed_function_call_matches_the_whole_one(client):
         ({"input": [{"type": "function_call_output", "call_id": "call_x", "output": "1"}]}, "input"),
         ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "integer", "maximum": 3}}}}, "text.format.schema"),
         ({"max_output_tokens": 5000}, "max_output_tokens"),
+        ({"max_tokens": 5000}, "max_tokens"),  # checked even where max_output_tokens wins
     ],
 )  # fmt: skip
 def test_bad_input_is_a_400_in_openai_shape(base_url, client, change, param):
