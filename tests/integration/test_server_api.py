@@ -118,6 +118,21 @@ def test_max_tokens_and_stop_end_the_reply(client):
     assert cut.choices[0].message.content == full[: full.index(word)]
 
 
+def test_usage_says_how_many_prompt_tokens_the_prefix_cache_saved(client):
+    messages = [{"role": "user", "content": "Name three colours, then three animals."}]
+    first = client.chat.completions.create(
+        model="smollm2-135m-instruct", messages=messages, max_tokens=4, temperature=0
+    )
+    again = client.chat.completions.create(
+        model="smollm2-135m-instruct", messages=messages, max_tokens=4, temperature=0
+    )
+    # The second request finds the first's prompt in a slot's cache (all of it but the
+    # token or so that must be computed again to sample from).
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    assert first.usage.prompt_tokens_details is not None
+    assert 0 < cached < again.usage.prompt_tokens
+
+
 def test_same_seed_same_sampled_reply(client):
     def sampled() -> str:
         return (

@@ -114,11 +114,20 @@ def test_a_lone_surrogate_is_a_400_naming_the_field_before_any_route_runs(route,
 
 
 def test_every_route_reads_its_body_through_the_text_check():
-    from part5.combined_app.routes import batches, documents, openai_api, responses, system, tokens
+    from part5.combined_app.routes import (
+        batches,
+        documents,
+        lora,
+        openai_api,
+        responses,
+        system,
+        tokens,
+    )
 
     routers = (
         batches.router,
         documents.router,
+        lora.router,
         openai_api.router,
         responses.router,
         system.router,

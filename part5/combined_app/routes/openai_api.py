@@ -82,11 +82,11 @@ def _metrics(request: Request) -> Metrics:
 
 def _usage(usage: Usage | None) -> replies.CompletionUsage:
     usage = usage or Usage()
-    # prompt_tokens_details.cached_tokens: the engine's prefix-cache count goes here.
     return replies.CompletionUsage(
         prompt_tokens=usage.prompt_tokens,
         completion_tokens=usage.completion_tokens,
         total_tokens=usage.total_tokens,
+        prompt_tokens_details=replies.PromptTokensDetails(cached_tokens=usage.cached_tokens),
     )
 
 
@@ -311,6 +311,7 @@ async def completions(body: CompletionRequest, request: Request):
             if last.usage:
                 total.prompt_tokens += last.usage.prompt_tokens
                 total.completion_tokens += last.usage.completion_tokens
+                total.cached_tokens += last.usage.cached_tokens
         choices = [
             replies.CompletionChoice(
                 index=i, text=text, finish_reason=finish_reason(last.finish_reason)

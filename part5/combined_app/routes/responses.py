@@ -163,6 +163,9 @@ def _response(
             input_tokens=reply.usage.prompt_tokens,
             output_tokens=reply.usage.completion_tokens,
             total_tokens=reply.usage.total_tokens,
+            input_tokens_details=replies.InputTokensDetails(
+                cached_tokens=reply.usage.cached_tokens
+            ),
         )
     text_format = body.text.model_dump(by_alias=True, exclude_none=True) if body.text else None
     return replies.Response(

@@ -45,5 +45,5 @@ async def tokenize(body: TokenizeRequest, request: Request) -> Tokens:
 @router.post("/detokenize", response_model=Detokenized, responses=responses(400, 500, 503))
 async def detokenize(body: DetokenizeRequest, request: Request) -> Detokenized:
     """The text of a list of token ids (bytes that are not whole characters become U+FFFD)."""
-    pieces = await run_in_threadpool(request.app.state.service.token_bytes, body.tokens)
-    return Detokenized(content=b"".join(pieces).decode("utf-8", errors="replace"))
+    content = await run_in_threadpool(request.app.state.service.detokenize, body.tokens)
+    return Detokenized(content=content)
