@@ -258,8 +258,9 @@ def test_a_streamed_tool_call_reassembles_into_the_greedy_reply(client):
 
 def test_a_conversation_with_tool_calls_and_results_is_accepted(client):
     first = client.chat.completions.create(
-        model=MODEL, messages=ASK_WEATHER, tools=[WEATHER], tool_choice="required", max_tokens=80
-    ).choices[0]
+        model=MODEL, messages=ASK_WEATHER, tools=[WEATHER], tool_choice="required",
+        parallel_tool_calls=False, max_tokens=80, temperature=0,
+    ).choices[0]  # fmt: skip
     [call] = first.message.tool_calls
     messages = [
         *ASK_WEATHER,
