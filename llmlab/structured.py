@@ -267,11 +267,12 @@ def tools_from_openai(tools: list[dict]) -> list[Tool]:
     return out
 
 
-def tool_reply_schema(tools: list[Tool], choice: str = "auto") -> dict:
+def tool_reply_schema(tools: list[Tool], choice: str = "auto", parallel: bool = True) -> dict:
     """The JSON schema of a generic-format reply (what :func:`tool_grammar` holds).
 
     ``choice``: "auto" (a call or a response), "required" (a call), "none" (a response), or
-    a tool's name (a call of only that tool). Raises ValueError for an unknown tool name.
+    a tool's name (a call of only that tool); ``parallel`` False allows one call per reply.
+    Raises ValueError for an unknown tool name.
     """
     names = [t.name for t in tools]
     if choice not in ("auto", "required", "none") and choice not in names:
@@ -290,9 +291,12 @@ def tool_reply_schema(tools: list[Tool], choice: str = "auto") -> dict:
     defs: dict = {}
     calls = [_call_schema(t, defs) for t in tools if choice in ("auto", "required", t.name)]
     call = calls[0] if len(calls) == 1 else {"anyOf": calls}
+    calls_array = {"type": "array", "items": call, "minItems": 1}
+    if not parallel:
+        calls_array["maxItems"] = 1
     tool_calls = {
         "type": "object",
-        "properties": {"tool_calls": {"type": "array", "items": call, "minItems": 1}},
+        "properties": {"tool_calls": calls_array},
         "required": ["tool_calls"],
     }
     schema = {"anyOf": [tool_calls, response]} if choice == "auto" else tool_calls
@@ -328,12 +332,13 @@ def _call_schema(tool: Tool, defs: dict) -> dict:
     }
 
 
-def tool_grammar(tools: list[Tool], choice: str = "auto") -> str:
-    """GBNF for a generic-format reply: see :func:`tool_reply_schema` for ``choice``.
+def tool_grammar(tools: list[Tool], choice: str = "auto", parallel: bool = True) -> str:
+    """GBNF for a generic-format reply: see :func:`tool_reply_schema` for ``choice`` and
+    ``parallel``.
 
     Raises SchemaError when a tool's parameters cannot be held (the message names the part).
     """
-    return grammar_for_schema(tool_reply_schema(tools, choice))
+    return grammar_for_schema(tool_reply_schema(tools, choice, parallel))
 
 
 def tool_prompt(tools: list[Tool]) -> str:

@@ -29,7 +29,15 @@ from part5.combined_app.config import ServerSettings
 from part5.combined_app.errors import install_handlers
 from part5.combined_app.metrics import Metrics
 from part5.combined_app.middleware import LabMiddleware
-from part5.combined_app.routes import batches, documents, lora, openai_api, system
+from part5.combined_app.routes import (
+    batches,
+    documents,
+    lora,
+    openai_api,
+    responses,
+    system,
+    tokens,
+)
 from part5.combined_app.schemas import install_openapi
 from part5.combined_app.service import ModelService
 
@@ -83,7 +91,15 @@ def create_app(
 
     install_handlers(app)
     install_openapi(app, settings)
-    routers = (system.router, openai_api.router, documents.router, batches.router, lora.router)
+    routers = (
+        system.router,
+        openai_api.router,
+        responses.router,
+        tokens.router,
+        documents.router,
+        batches.router,
+        lora.router,
+    )
     for router in routers:
         app.include_router(router)
 
@@ -101,7 +117,7 @@ def create_app(
             allow_origins=settings.cors_origins,
             allow_methods=["*"],
             allow_headers=["*"],
-            expose_headers=["Retry-After", "X-LLMLab-JSON"],
+            expose_headers=["Retry-After"],
         )
     return app
 

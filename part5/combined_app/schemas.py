@@ -1,8 +1,8 @@
 """Request bodies of the OpenAI-compatible routes, the document routes and the batch routes.
 
 Only what the lab supports is accepted; fields OpenAI defines that the lab cannot honour
-(``n`` > 1, ``logprobs``, ``tools``) are refused with a 400 that says so, rather than
-silently ignored. Unknown extra fields are ignored, as OpenAI-compatible servers do.
+(``n`` > 1, ``logprobs``, ``echo``, ``suffix``) are refused with a 400 that says so, rather
+than silently ignored. Unknown extra fields are ignored, as OpenAI-compatible servers do.
 
 The rules are declared here (lengths, ranges, patterns), so ``/openapi.json`` states what
 the server accepts. Every route reads its JSON body through :class:`TextRoute`, which
@@ -132,8 +132,23 @@ class TextPart(_Lenient):
     text: str
 
 
-class ChatMessage(_Lenient):
-    """One turn. ``content`` may be a string or OpenAI's list of text parts."""
+class FunctionCall(_Lenient):
+    """The function an assistant turn called: its name and its arguments as JSON text."""
+
+    name: str
+    arguments: str
+
+
+class AssistantToolCall(_Lenient):
+    """One tool call of an earlier assistant turn, as OpenAI sends it back."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class Turn(_Lenient):
+    """One turn of a plain conversation. ``content`` may be a string or OpenAI's list of text parts."""
 
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = ""
@@ -147,12 +162,94 @@ class ChatMessage(_Lenient):
         return "".join(part.text for part in self.content)
 
 
+class ChatMessage(Turn):
+    """One turn of a chat: also an assistant turn with ``tool_calls``, or a ``tool`` turn that
+    answers one of them by ``tool_call_id``."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    name: str | None = None
+    tool_calls: list[AssistantToolCall] | None = None
+    tool_call_id: str | None = None
+
+    def as_message(self) -> dict[str, Any]:
+        """The turn as an OpenAI message dict (``developer`` read as ``system``)."""
+        message: dict[str, Any] = {
+            "role": "system" if self.role == "developer" else self.role,
+            "content": self.text(),
+        }
+        if self.tool_calls:
+            message["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
+
+
 class StreamOptions(_Lenient):
     include_usage: bool = False
 
 
-class ResponseFormat(_Lenient):
-    type: Literal["text", "json_object"] = "text"
+# OpenAI's rule for function (and schema) names.
+NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+
+
+class TextFormat(_Lenient):
+    """Plain text replies (the default)."""
+
+    type: Literal["text"]
+
+
+class JSONObjectFormat(_Lenient):
+    """Replies that are one JSON object (any keys), held by llama.cpp's JSON grammar."""
+
+    type: Literal["json_object"]
+
+
+class JSONSchemaSpec(_Lenient):
+    """A JSON schema the reply must follow (held by a grammar made from it)."""
+
+    name: Name
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class JSONSchemaFormat(_Lenient):
+    type: Literal["json_schema"]
+    json_schema: JSONSchemaSpec
+
+
+ResponseFormat = Annotated[
+    TextFormat | JSONObjectFormat | JSONSchemaFormat, Field(discriminator="type")
+]
+
+
+class FunctionDefinition(_Lenient):
+    """A tool the model may call: its name, what it does, and its parameters' JSON schema."""
+
+    name: Name
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ChatTool(_Lenient):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Lenient):
+    name: str
+
+
+class NamedToolChoice(_Lenient):
+    """``{"type": "function", "function": {"name": ...}}``: call this tool."""
+
+    type: Literal["function"]
+    function: NamedFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
 
 
 # Below these the sampler's numbers overflow (logits / 1e-300 is inf, then NaN): the fuzz
@@ -193,21 +290,15 @@ def refused(*allowed: Any) -> WithJsonSchema:
     return WithJsonSchema({"enum": list(allowed)})
 
 
-class SamplingFields(_Lenient):
-    """Sampling settings both completion routes share."""
+class Sampling(_Lenient):
+    """The sampling settings every generating route takes (chat, completions, batch jobs)."""
 
-    model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
     temperature: Temperature | None = None
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0)
     seed: int | None = Field(None, ge=0)
     stop: str | Annotated[list[str], Field(max_length=4)] | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    n: Annotated[int, refused(1)] = 1
-    logprobs: Annotated[bool | int | None, refused(False, 0, None)] = None
     repeat_penalty: float | None = Field(None, ge=MIN_REPEAT_PENALTY)
 
     @field_validator("stop")
@@ -218,11 +309,36 @@ class SamplingFields(_Lenient):
         stops = [value] if isinstance(value, str) else value
         return [s for s in stops if s]
 
+    def length_fields(self) -> list[tuple[str, int | None]]:
+        """The fields that ask for the reply's length and their values, the one that wins first."""
+        return [("max_tokens", self.max_tokens)]
+
+
+class SamplingFields(Sampling):
+    """What both OpenAI completion routes share."""
+
+    model: str | None = None
+    max_completion_tokens: int | None = Field(None, ge=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: Annotated[int, Field(ge=1), refused(1)] = 1
+
+    def length_fields(self) -> list[tuple[str, int | None]]:
+        return [("max_completion_tokens", self.max_completion_tokens), *super().length_fields()]
+
+
+# OpenAI's limit: at most 20 alternatives per position.
+MAX_TOP_LOGPROBS = 20
+
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     response_format: ResponseFormat | None = None
-    tools: Annotated[list[dict[str, Any]] | None, refused([], None)] = None
+    tools: list[ChatTool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    logprobs: Annotated[bool | None, refused(False, None)] = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
 
 class CompletionRequest(SamplingFields):
@@ -237,6 +353,119 @@ class CompletionRequest(SamplingFields):
     prompt: NonEmpty | Annotated[list[NonEmpty], Field(min_length=1)]
     echo: Annotated[bool, refused(False)] = False
     suffix: Annotated[str | None, refused("", None)] = None
+    logprobs: Annotated[int | None, Field(ge=0, le=5), refused(0, None)] = None
+
+
+class TokenizeRequest(_Lenient):
+    """``POST /tokenize``, in llama.cpp server's shape."""
+
+    content: str
+    add_special: bool = Field(False, description="Add BOS (and EOS) where the model wants them.")
+    parse_special: bool = Field(True, description="Read control-token text as those tokens.")
+    with_pieces: bool = Field(False, description="Return {id, piece} objects, not bare ids.")
+
+
+class DetokenizeRequest(_Lenient):
+    """``POST /detokenize``: token ids back to text."""
+
+    tokens: list[Annotated[int, Field(ge=0)]]
+
+
+# --- the Responses API (stateless) ----------------------------------------------------------
+
+
+class InputText(_Lenient):
+    """A text part of an input message (``output_text`` in an earlier assistant turn)."""
+
+    type: Literal["input_text", "output_text"]
+    text: str
+
+
+class InputMessage(_Lenient):
+    type: Literal["message"] = "message"
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[InputText]
+
+    def text(self) -> str:
+        """The content as plain text (parts joined)."""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class FunctionCallInput(_Lenient):
+    """A call the model made in an earlier turn, sent back with its result."""
+
+    type: Literal["function_call"]
+    call_id: str
+    name: str
+    arguments: str
+    id: str | None = None
+    status: str | None = None
+
+
+class FunctionCallOutput(_Lenient):
+    """A tool's result for the call ``call_id``."""
+
+    type: Literal["function_call_output"]
+    call_id: str
+    output: str
+    id: str | None = None
+    status: str | None = None
+
+
+InputItem = InputMessage | FunctionCallInput | FunctionCallOutput
+
+
+class ResponseTool(_Lenient):
+    """A function tool in the Responses API's flat shape (no ``function`` wrapper)."""
+
+    type: Literal["function"]
+    name: Name
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ResponseToolChoice(_Lenient):
+    type: Literal["function"]
+    name: str
+
+
+class ResponseJSONSchema(_Lenient):
+    """``text.format`` ``json_schema``: the name and schema sit beside ``type``."""
+
+    type: Literal["json_schema"]
+    name: Name
+    schema_: dict[str, Any] = Field(alias="schema")
+    description: str | None = None
+    strict: bool | None = None
+
+
+class ResponseText(_Lenient):
+    format: Annotated[
+        TextFormat | JSONObjectFormat | ResponseJSONSchema, Field(discriminator="type")
+    ] = TextFormat(type="text")
+
+
+class ResponsesRequest(Sampling):
+    """``POST /v1/responses``: stateless (nothing is stored, ``previous_response_id`` is refused)."""
+
+    model: str | None = None
+    input: str | Annotated[list[InputItem], Field(min_length=1)]
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(None, ge=1)
+    stream: bool = False
+    text: ResponseText | None = None
+    tools: list[ResponseTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | ResponseToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    previous_response_id: Annotated[str | None, refused(None)] = None
+
+    def length_fields(self) -> list[tuple[str, int | None]]:
+        return [("max_output_tokens", self.max_output_tokens), *super().length_fields()]
 
 
 MAX_EMBEDDING_INPUTS = 2048
@@ -273,19 +502,14 @@ class BatchItem(_Lenient):
 
     id: str | int | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: list[Turn] | None = None
 
 
-class BatchRequest(_Lenient):
+class BatchRequest(Sampling):
     """A batch job: prompts (plain strings or items) and the sampling settings for all of them."""
 
     prompts: list[str | BatchItem] = Field(min_length=1)
     system: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: Temperature | None = None
-    top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = Field(None, ge=0)
-    stop: list[str] | None = None
 
 
 def _cap(prop: dict[str, Any], key: str, value: int) -> None:
@@ -308,10 +532,11 @@ def install_openapi(app: FastAPI, settings: ServerSettings) -> None:
             for name in (
                 "ChatCompletionRequest",
                 "CompletionRequest",
+                "ResponsesRequest",
                 "BatchRequest",
                 "AskRequest",
             ):
-                for field in ("max_tokens", "max_completion_tokens"):
+                for field in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
                     if field in models[name]["properties"]:
                         _cap(
                             models[name]["properties"][field], "maximum", settings.max_tokens_limit

@@ -279,6 +279,39 @@ class ModelService:
         except EngineError as exc:  # closed under us: a reload has begun
             raise self.unavailable(exc) from exc
 
+    def tokenize(self, text: str, add_special: bool, parse_special: bool) -> list[int]:
+        """Token ids of ``text`` with the model's tokenizer (llama.cpp's ``/tokenize`` rules:
+        ``add_special`` adds BOS/EOS where the model wants them, ``parse_special`` reads
+        control-token text as those tokens). Blocking: routes call it with ``run_in_threadpool``."""
+        return self.require_ready().tokenize(text, add_bos=add_special, special=parse_special)
+
+    def _known_tokens(self, tokens: list[int]) -> Engine:
+        """The engine, once every id is in its vocabulary (else a 400 naming the first that is not)."""
+        engine = self.require_ready()
+        for index, token in enumerate(tokens):
+            if not 0 <= token < engine.n_vocab:
+                raise APIError(
+                    400,
+                    f"tokens[{index}] is {token}, not a token of {self.model_id} (its ids are "
+                    f"0 to {engine.n_vocab - 1}).",
+                    param="tokens",
+                    code="invalid_token",
+                )
+        return engine
+
+    def token_bytes(self, tokens: list[int]) -> list[bytes]:
+        """The bytes of each token (control tokens rendered). Blocking, as :meth:`tokenize`."""
+        engine = self._known_tokens(tokens)
+        return [engine.token_bytes(token) for token in tokens]
+
+    def detokenize(self, tokens: list[int]) -> str:
+        """The text of ``tokens`` (bytes that are not whole characters become U+FFFD).
+        Blocking, as :meth:`tokenize`."""
+        try:
+            return self._known_tokens(tokens).detokenize(tokens)
+        except EngineError as exc:  # closed under us: a reload has begun
+            raise self.unavailable(exc) from exc
+
     def unavailable(self, exc: EngineError) -> APIError:
         """The error to answer when the engine refused a request: 503 while a new engine
         loads (500 if none could be), else the engine's own error."""

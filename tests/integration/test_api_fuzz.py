@@ -72,11 +72,18 @@ def openai_error_shape(ctx, response, case) -> None:
 
 
 # Rules the schema cannot state, so schema-valid requests that break them are refused (400):
-# an upload's file name and type live inside the multipart parts, and ``dimensions`` must be
-# the embedding model's own vector size. Every other check still runs on these routes.
+# an upload's file name and type live inside the multipart parts, ``dimensions`` must be
+# the embedding model's own vector size, a JSON schema (response format, tool parameters)
+# must be one a grammar can hold, a tool result must answer an earlier call and tool_choice
+# must name a given tool, and token ids must be in the model's vocabulary. Every other check
+# still runs on these routes.
+GRAMMAR_RULES = "schemas a grammar holds, tool results that answer a call, known tool names"
 CANNOT_STATE = {
     ("POST", "/api/collections/{collection}/files"): "upload file names and types",
     ("POST", "/v1/embeddings"): "dimensions equal to the model's vector size",
+    ("POST", "/v1/chat/completions"): GRAMMAR_RULES,
+    ("POST", "/v1/responses"): GRAMMAR_RULES,
+    ("POST", "/detokenize"): "token ids below the model's vocabulary size",
 }
 
 

@@ -1,9 +1,8 @@
-"""The combined app without a model: the loading state, key and size checks, CORS, JSON
-repair, safe upload names, and the server script's command line. Fast: nothing loads."""
+"""The combined app without a model: the loading state, key and size checks, CORS, safe
+upload names, and the server script's command line. Fast: nothing loads."""
 
 from __future__ import annotations
 
-import json
 import re
 import socket
 
@@ -14,7 +13,6 @@ from llmlab.rag import RagError
 from llmlab.rag.store import check_name
 from part5.combined_app import ServerSettings, create_app
 from part5.combined_app.errors import APIError
-from part5.combined_app.jsonmode import repair
 from part5.combined_app.routes.documents import safe_file_name
 from part5.combined_app.schemas import COLLECTION_PATTERN, TextRoute
 from part5.combined_app.scripts.server import main
@@ -116,9 +114,25 @@ def test_a_lone_surrogate_is_a_400_naming_the_field_before_any_route_runs(route,
 
 
 def test_every_route_reads_its_body_through_the_text_check():
-    from part5.combined_app.routes import batches, documents, openai_api, system
+    from part5.combined_app.routes import (
+        batches,
+        documents,
+        lora,
+        openai_api,
+        responses,
+        system,
+        tokens,
+    )
 
-    routers = (batches.router, documents.router, openai_api.router, system.router)
+    routers = (
+        batches.router,
+        documents.router,
+        lora.router,
+        openai_api.router,
+        responses.router,
+        system.router,
+        tokens.router,
+    )
     assert all(isinstance(r, TextRoute) for router in routers for r in router.routes)
 
 
@@ -176,23 +190,6 @@ def test_the_declared_collection_pattern_is_the_store_rule(name, valid):
     except RagError:
         accepted = False
     assert declared == accepted == valid
-
-
-@pytest.mark.parametrize(
-    ("text", "expected", "how"),
-    [
-        ('{"a": 1}', {"a": 1}, "valid"),
-        ('{"a": 1, "b": {"c": 2', {"a": 1, "b": {"c": 2}}, "closed"),
-        ('{"name": "Ad', {"name": "Ad"}, "closed"),
-        ('{"a": [1, 2', {"a": [1, 2]}, "closed"),
-        ('{"a": 1, "b":', {"a": 1}, "closed"),
-        ('Sure! {"x": 3} Hope this helps.', {"x": 3}, "extracted"),
-        ("no braces at all", {"text": "no braces at all"}, "wrapped"),
-    ],
-)
-def test_json_mode_repair_always_gives_an_object(text, expected, how):
-    fixed, method = repair(text)
-    assert json.loads(fixed) == expected and method == how
 
 
 @pytest.mark.parametrize("name", ["notes.md", "Report (final) 2024.pdf", "a-b_c.txt"])

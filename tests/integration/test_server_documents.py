@@ -133,6 +133,25 @@ def test_batch_job_runs_every_prompt_and_returns_results_in_order(http):
     assert job["id"] in [j["id"] for j in http.get("/api/batches").json()["data"]]
 
 
+def test_a_batch_job_keeps_top_k_and_repeat_penalty(http, home):
+    # top_k 1 samples only the likeliest token: the batch's sampled reply is the greedy chat
+    # reply. (The batch route used to drop top_k and repeat_penalty.)
+    prompt = "Name a fruit."
+    greedy = http.post(
+        "/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": prompt}], "max_tokens": 8, "temperature": 0},
+    ).json()["choices"][0]["message"]["content"]
+    body = {"prompts": [prompt], "max_tokens": 8, "temperature": 1.0, "seed": 3, "top_k": 1}
+    job = http.post("/api/batches", json={**body, "repeat_penalty": 1.0}).json()
+    assert _wait_done(http, job["id"])["status"] == "completed"
+    [row] = http.get(f"/api/batches/{job['id']}/results").json()["results"]
+    assert row["output"] == greedy
+    job = http.post("/api/batches", json={**body, "repeat_penalty": 1.3}).json()
+    _wait_done(http, job["id"])
+    params = json.loads((home / "server-batches" / job["id"] / "job.json").read_text())["params"]
+    assert params["top_k"] == 1 and params["repeat_penalty"] == 1.3
+
+
 def test_batch_errors(http):
     assert http.get("/api/batches/batch_nope").status_code == 404
     empty = http.post("/api/batches", json={"prompts": []})

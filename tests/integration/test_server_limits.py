@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 
@@ -128,7 +129,9 @@ def _first_token(response: httpx.Response) -> Iterator[str]:
     assert response.status_code == 200, response.read()
     lines = response.iter_lines()
     for line in lines:
-        if line.startswith("data: {") and '"text": "' in line:
+        if line.startswith("data: {") and any(
+            c.get("text") for c in json.loads(line[6:])["choices"]
+        ):
             return lines
     raise AssertionError("the stream ended before any text")
 

@@ -38,6 +38,7 @@ from llmlab import batch
 from llmlab.backends.base import GenerationParams
 from llmlab.engine import Engine, EngineError, QueueFullError
 from part5.combined_app.errors import APIError, responses
+from part5.combined_app.generation import sampling_params
 from part5.combined_app.schemas import BatchRequest, TextRoute
 
 if TYPE_CHECKING:
@@ -329,24 +330,11 @@ async def submit(body: BatchRequest, request: Request) -> JSONResponse:
             f"{settings.max_batch_prompts} per batch; split the job.",
             param="prompts",
         )
-    max_tokens = body.max_tokens or settings.default_max_tokens
-    if max_tokens > settings.max_tokens_limit:
-        raise APIError(
-            400,
-            f"max_tokens is {max_tokens}, over this server's limit of {settings.max_tokens_limit}.",
-            param="max_tokens",
-        )
+    params = sampling_params(body, settings)
     try:
         records = _records(body)
     except ValueError as exc:
         raise APIError(400, f"Unsupported message content: {exc}.", param="prompts") from exc
-    params = GenerationParams.from_kwargs(
-        max_tokens=max_tokens,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        seed=body.seed,
-        stop=body.stop or [],
-    )
     # Everything is checked before the job's folder exists, so a refused job leaves nothing.
     rows = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     for param, text in (("prompts", rows), ("system", body.system), ("stop", params.stop)):

@@ -5,38 +5,57 @@
     client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
     client.chat.completions.create(model="smollm2-135m-instruct",
                                    messages=[{"role": "user", "content": "Hi"}])
+
+Each route validates its body (``schemas``), runs the generation (``generation``) and returns
+a typed reply (``replies``); streams are server-sent events of the same types.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import replace
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator
+from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, Response
-from sse_starlette import EventSourceResponse
+from fastapi.responses import Response
 
 from llmlab import registry
-from llmlab.backends.base import Chunk, GenerationParams, Message, Usage
-from part5.combined_app import jsonmode
-from part5.combined_app.errors import APIError, error_body, responses
+from llmlab.backends.base import Usage
+from llmlab.structured import ToolCall
+from part5.combined_app import replies
+from part5.combined_app.errors import APIError, responses
+from part5.combined_app.generation import (
+    CLIENT_CLOSED,
+    ChatJob,
+    Reply,
+    Timed,
+    argument_pieces,
+    collect,
+    event_stream,
+    finish_reason,
+    plan_chat,
+    read_reply,
+    sampling_params,
+    start_chat,
+    stream_reply,
+    unless_client_leaves,
+)
 from part5.combined_app.metrics import Metrics
 from part5.combined_app.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingRequest,
+    JSONObjectFormat,
+    JSONSchemaFormat,
     SamplingFields,
     TextRoute,
 )
-from part5.combined_app.service import Generation, ModelService
+from part5.combined_app.service import ModelService
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"], route_class=TextRoute)
 
@@ -52,11 +71,6 @@ _REPLY = {
 }
 _GENERATION_ERRORS = responses(400, 404, 500, 503)
 
-# nginx's "client closed request": logged for a reply nobody is left to read.
-CLIENT_CLOSED = 499
-
-T = TypeVar("T")
-
 
 def _service(request: Request) -> ModelService:
     return request.app.state.service
@@ -66,49 +80,22 @@ def _metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
-def _usage(usage: Usage | None) -> dict[str, int]:
+def _usage(usage: Usage | None) -> replies.CompletionUsage:
     usage = usage or Usage()
-    return {
-        "prompt_tokens": usage.prompt_tokens,
-        "completion_tokens": usage.completion_tokens,
-        "total_tokens": usage.total_tokens,
-    }
-
-
-def _finish(reason: str | None) -> str:
-    return "length" if reason == "length" else "stop"
+    return replies.CompletionUsage(
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        total_tokens=usage.total_tokens,
+        prompt_tokens_details=replies.PromptTokensDetails(cached_tokens=usage.cached_tokens),
+    )
 
 
 def _refuse_unsupported(body: SamplingFields) -> None:
+    """n > 1 and logprobs: declared and validated, not decoded by the engine yet."""
     if body.n != 1:
         raise APIError(400, "Only n=1 is supported: send one request per reply.", param="n")
     if body.logprobs:
         raise APIError(400, "logprobs are not supported by this server.", param="logprobs")
-
-
-def _params(body: SamplingFields, service: ModelService) -> GenerationParams:
-    limit = service.settings.max_tokens_limit
-    for name in ("max_tokens", "max_completion_tokens"):
-        asked = getattr(body, name)
-        if asked is not None and asked > limit:
-            raise APIError(
-                400,
-                f"{name} is {asked}, over this server's limit of {limit}. Ask for fewer.",
-                param=name,
-                code="max_tokens_too_large",
-            )
-    max_tokens = (
-        body.max_completion_tokens or body.max_tokens or service.settings.default_max_tokens
-    )
-    return GenerationParams.from_kwargs(
-        max_tokens=max_tokens,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        top_k=body.top_k,
-        seed=body.seed,
-        stop=body.stop or [],
-        repeat_penalty=body.repeat_penalty,
-    )
 
 
 # --- models ------------------------------------------------------------------------------
@@ -164,236 +151,124 @@ async def get_model(model_id: str, request: Request) -> dict[str, Any]:
     )
 
 
-# --- chat and text completions ---------------------------------------------------------------
+# --- chat completions ---------------------------------------------------------------------
 
 
-class _Timed:
-    """Feeds token counts and time to first token of one generation into the metrics."""
-
-    def __init__(self, metrics: Metrics):
-        self.metrics = metrics
-        self.started = time.perf_counter()
-        self.first = False
-
-    def chunk(self, chunk: Chunk) -> None:
-        if chunk.text and not self.first:
-            self.first = True
-            self.metrics.ttft.observe(time.perf_counter() - self.started)
-        if chunk.usage is not None:
-            self.metrics.count_tokens(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
-
-
-async def _collect(generation: Generation, timed: _Timed) -> tuple[str, Chunk]:
-    parts: list[str] = []
-    last = Chunk("")
-    try:
-        async for last in generation:
-            timed.chunk(last)
-            parts.append(last.text)
-    finally:
-        generation.cancel()  # no-op when finished; frees the slot if this task was cancelled
-    return "".join(parts), last
+def _chat_job(body: ChatCompletionRequest, service: ModelService) -> ChatJob:
+    """The request's messages, sampling, grammar and tools, checked (400s name the field)."""
+    format_ = body.response_format
+    choice = body.tool_choice or "auto"
+    return plan_chat(
+        [m.as_message() for m in body.messages],
+        sampling_params(body, service.settings),
+        json_object=isinstance(format_, JSONObjectFormat)
+        or (isinstance(format_, JSONSchemaFormat) and format_.json_schema.schema_ is None),
+        schema=format_.json_schema.schema_ if isinstance(format_, JSONSchemaFormat) else None,
+        tools=[t.model_dump(exclude_none=True) for t in body.tools or []],
+        tool_choice=choice if isinstance(choice, str) else choice.function.name,
+        parallel_tool_calls=body.parallel_tool_calls is not False,
+    )
 
 
-async def _json_reply(
-    service: ModelService,
-    generation: Generation,
-    messages: list[Message],
-    params: GenerationParams,
-    timed: _Timed,
-) -> tuple[str, Chunk, str]:
-    """The reply as a JSON object string, its last chunk, and how it was made valid (jsonmode)."""
-    text, last = await _collect(generation, timed)
-    fixed, how = jsonmode.repair(text)
-    if how == "wrapped":  # no object at all: one greedy retry before wrapping the text
-        retry = await service.submit(
-            messages=messages, params=replace(params, temperature=0.0), grammar=jsonmode.GRAMMAR
-        )
-        text2, last2 = await _collect(retry, timed)
-        fixed2, how2 = jsonmode.repair(text2)
-        if last.usage and last2.usage:
-            last2.usage = Usage(
-                last2.usage.prompt_tokens + last.usage.prompt_tokens,
-                last2.usage.completion_tokens + last.usage.completion_tokens,
-            )
-        if how2 != "wrapped":
-            return fixed2, last2, how2
-        last = last2
-    return fixed, last, how
+def _tool_call(call: ToolCall) -> replies.ToolCall:
+    return replies.ToolCall(
+        id=call.id, function=replies.ToolCallFunction(name=call.name, arguments=call.arguments)
+    )
 
 
-async def _client_left(request: Request) -> None:
-    """Return when the client closes its connection (the body has been read by then)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
+def _chat_completion(
+    reply: Reply, reply_id: str, created: int, model: str
+) -> replies.ChatCompletion:
+    message = replies.AssistantMessage(
+        content=reply.content, tool_calls=[_tool_call(c) for c in reply.tool_calls] or None
+    )
+    # logprobs: the engine's per-token log probabilities go into ChatChoice.logprobs.
+    choice = replies.ChatChoice(index=0, message=message, finish_reason=reply.finish_reason)
+    return replies.ChatCompletion(
+        id=reply_id, created=created, model=model, choices=[choice], usage=_usage(reply.usage)
+    )
 
 
-async def _unless_client_leaves(request: Request, work: Awaitable[T], metrics: Metrics) -> T | None:
-    """Await ``work`` (a whole, non-streamed reply) unless the client hangs up first (None).
-
-    Starlette goes on running a handler whose client has gone, so without this a closed
-    connection would keep its slot until ``max_tokens``. Cancelling ``work`` cancels its
-    generations (``_collect`` cancels them on the way out).
-    """
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_client_left(request))
-    try:
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    except asyncio.CancelledError:
-        task.cancel()
-        watcher.cancel()
-        raise
-    if task in done:
-        watcher.cancel()
-        return task.result()
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
-    metrics.cancelled.inc()
-    return None
+def _call_deltas(index: int, call: ToolCall) -> list[replies.ChatDelta]:
+    """A streamed tool call: its id and name first, then its arguments in pieces."""
+    first = replies.ToolCallDelta(
+        index=index,
+        id=call.id,
+        type="function",
+        function=replies.ToolCallDeltaFunction(name=call.name, arguments=""),
+    )
+    rest = [
+        replies.ToolCallDelta(index=index, function=replies.ToolCallDeltaFunction(arguments=piece))
+        for piece in argument_pieces(call.arguments)
+    ]
+    return [replies.ChatDelta(tool_calls=[delta]) for delta in (first, *rest)]
 
 
-def _stream_response(events: AsyncIterator[dict[str, Any]]) -> EventSourceResponse:
-    # A comment ping every 15 s keeps proxies from closing a stream that waits in the queue.
-    return EventSourceResponse(events, ping=15, sep="\n")
-
-
-async def _timed_chunks(generation: Generation, timed: _Timed) -> AsyncIterator[Chunk]:
-    """The generation's chunks, each fed to the metrics on the way."""
-    async for chunk in generation:
-        timed.chunk(chunk)
-        yield chunk
-
-
-async def _sse_events(
-    chunks: AsyncIterator[Chunk],
-    generation: Generation,
-    metrics: Metrics,
-    *,
-    text_event: Callable[[str], str],
-    finish_event: Callable[[str], str],
-    usage_event: Callable[[dict[str, Any]], str] | None,
-    first_event: str | None = None,
+async def _chat_events(
+    pieces: AsyncIterator[str | ToolCall | Reply],
+    chunk: Any,
+    include_usage: bool,
 ) -> AsyncIterator[dict[str, Any]]:
-    """OpenAI's stream shape for chat and completions alike: text pieces, a finish event,
-    usage when asked, ``[DONE]``; an error mid-stream is sent as an error event. A client
-    that goes away cancels the generation, which frees its slot."""
-    finished = False
-    try:
-        if first_event is not None:
-            yield {"data": first_event}
-        last = Chunk("")
-        async for last in chunks:
-            if last.text:
-                yield {"data": text_event(last.text)}
-        finished = True
-        yield {"data": finish_event(_finish(last.finish_reason))}
-        if usage_event is not None:
-            yield {"data": usage_event(_usage(last.usage))}
-        yield {"data": "[DONE]"}
-    except APIError as exc:
-        finished = True
-        yield {"data": json.dumps(error_body(exc.status, exc.message, exc.param, exc.code))}
-    finally:
-        if not finished:
-            metrics.cancelled.inc()
-        generation.cancel()
+    """OpenAI's chunks: the role, text or tool-call deltas, the finish, usage, ``[DONE]``."""
+    yield {"data": chunk(replies.ChatDelta(role="assistant", content=""))}
+    calls = 0
+    async for piece in pieces:
+        if isinstance(piece, str):
+            yield {"data": chunk(replies.ChatDelta(content=piece))}
+        elif isinstance(piece, ToolCall):
+            for delta in _call_deltas(calls, piece):
+                yield {"data": chunk(delta)}
+            calls += 1
+        else:
+            yield {"data": chunk(replies.ChatDelta(), piece.finish_reason)}
+            if include_usage:
+                yield {"data": chunk(None, usage=_usage(piece.usage))}
+    yield {"data": "[DONE]"}
 
 
-@router.post("/chat/completions", responses={**_REPLY, **_GENERATION_ERRORS})
+@router.post(
+    "/chat/completions",
+    response_model=replies.ChatCompletion,
+    responses={**_REPLY, **_GENERATION_ERRORS},
+)
 async def chat_completions(body: ChatCompletionRequest, request: Request):
-    """A chat reply, whole or streamed as server-sent events in OpenAI's chunk format."""
+    """A chat reply (text, JSON held by a schema, or tool calls), whole or streamed as
+    server-sent events in OpenAI's chunk format."""
     service, metrics = _service(request), _metrics(request)
     service.check_chat_model(body.model)
     _refuse_unsupported(body)
-    if body.tools:
-        raise APIError(400, "Tool calls are not supported by this server.", param="tools")
-    messages: list[Message] = [
-        {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-        for m in body.messages
-    ]
-    json_mode = body.response_format is not None and body.response_format.type == "json_object"
-    if json_mode:
-        messages = jsonmode.with_instruction(messages)
-    params = _params(body, service)
-    prompt_tokens = len(await run_in_threadpool(service.prompt_ids, messages=messages))
-    service.check_limits(prompt_tokens, params.max_tokens, "messages")
-    grammar = jsonmode.GRAMMAR if json_mode else None
-    generation = await service.submit(messages=messages, params=params, grammar=grammar)
-    timed = _Timed(metrics)
-    reply_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-    created = int(time.time())
-    model = service.model_id
-
-    def chunk_body(delta: dict[str, Any], finish: str | None) -> str:
-        return json.dumps(
-            {
-                "id": reply_id,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": model,
-                "system_fingerprint": None,
-                "choices": [
-                    {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-                ],
-            }
-        )
-
+    job = _chat_job(body, service)
+    generation = await start_chat(service, job)
+    reply_id, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     if not body.stream:
-
-        async def whole() -> tuple[str, Chunk, dict[str, str]]:
-            if json_mode:
-                text, last, how = await _json_reply(service, generation, messages, params, timed)
-                return text, last, {"X-LLMLab-JSON": how}
-            text, last = await _collect(generation, timed)
-            return text, last, {}
-
-        reply = await _unless_client_leaves(request, whole(), metrics)
+        reply = await unless_client_leaves(
+            request, read_reply(generation, job, Timed(metrics)), metrics
+        )
         if reply is None:
             return Response(status_code=CLIENT_CLOSED)
-        text, last, headers = reply
-        content = {
-            "id": reply_id,
-            "object": "chat.completion",
-            "created": created,
-            "model": model,
-            "system_fingerprint": None,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": text},
-                    "logprobs": None,
-                    "finish_reason": _finish(last.finish_reason),
-                }
-            ],
-            "usage": _usage(last.usage),
-        }
-        return JSONResponse(content, headers=headers)
+        return _chat_completion(reply, reply_id, created, service.model_id)
+
+    def chunk(delta: replies.ChatDelta | None, finish: str | None = None, **extra: Any) -> str:
+        choices = (
+            []
+            if delta is None
+            else [replies.ChunkChoice(index=0, delta=delta, finish_reason=finish)]
+        )
+        return replies.ChatCompletionChunk(
+            id=reply_id, created=created, model=service.model_id, choices=choices, **extra
+        ).model_dump_json(exclude_none=delta is not None)
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-    async def json_chunks() -> AsyncIterator[Chunk]:
-        # The whole object is repaired first, then sent as one piece.
-        text, last, _ = await _json_reply(service, generation, messages, params, timed)
-        yield Chunk(text)
-        yield Chunk("", last.finish_reason, last.usage, last.timings)
-
-    def usage_event(usage: dict[str, Any]) -> str:
-        return json.dumps({**json.loads(chunk_body({}, None)), "choices": [], "usage": usage})
-
-    chunks = json_chunks() if json_mode else _timed_chunks(generation, timed)
-    events = _sse_events(
-        chunks,
-        generation,
-        metrics,
-        first_event=chunk_body({"role": "assistant", "content": ""}, None),
-        text_event=lambda text: chunk_body({"content": text}, None),
-        finish_event=lambda finish: chunk_body({}, finish),
-        usage_event=usage_event if include_usage else None,
-    )
-    return _stream_response(events)
+    pieces = stream_reply(generation, job, Timed(metrics))
+    return event_stream(_chat_events(pieces, chunk, include_usage), generation, metrics)
 
 
-@router.post("/completions", responses={**_REPLY, **_GENERATION_ERRORS})
+# --- text completions ------------------------------------------------------------------------
+
+
+@router.post(
+    "/completions", response_model=replies.Completion, responses={**_REPLY, **_GENERATION_ERRORS}
+)
 async def completions(body: CompletionRequest, request: Request):
     """Raw text continuation (no chat template), whole or streamed."""
     service, metrics = _service(request), _metrics(request)
@@ -406,11 +281,11 @@ async def completions(body: CompletionRequest, request: Request):
     prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
     if body.stream and len(prompts) > 1:
         raise APIError(400, "Streaming takes one prompt at a time.", param="prompt")
-    params = _params(body, service)
+    params = sampling_params(body, service.settings)
     for prompt in prompts:
         ids = await run_in_threadpool(service.prompt_ids, prompt=prompt)
         service.check_limits(len(ids), params.max_tokens, "prompt")
-    generations: list[Generation] = []
+    generations = []
     try:
         for prompt in prompts:
             generations.append(await service.submit(prompt=prompt, params=params))
@@ -418,28 +293,16 @@ async def completions(body: CompletionRequest, request: Request):
         for generation in generations:
             generation.cancel()
         raise
-    reply_id = f"cmpl-{uuid.uuid4().hex[:24]}"
-    created = int(time.time())
-    model = service.model_id
+    reply_id, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
-    def choice(index: int, text: str, finish: str | None) -> dict[str, Any]:
-        return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
-
-    def envelope(choices: list[dict[str, Any]]) -> dict[str, Any]:
-        return {
-            "id": reply_id,
-            "object": "text_completion",
-            "created": created,
-            "model": model,
-            "system_fingerprint": None,
-            "choices": choices,
-        }
+    def envelope(choices: list[replies.CompletionChoice], **extra: Any) -> replies.Completion:
+        return replies.Completion(
+            id=reply_id, created=created, model=service.model_id, choices=choices, **extra
+        )
 
     if not body.stream:
-        results = await _unless_client_leaves(
-            request,
-            asyncio.gather(*(_collect(g, _Timed(metrics)) for g in generations)),
-            metrics,
+        results = await unless_client_leaves(
+            request, asyncio.gather(*(collect(g, Timed(metrics)) for g in generations)), metrics
         )
         if results is None:
             return Response(status_code=CLIENT_CLOSED)
@@ -448,27 +311,34 @@ async def completions(body: CompletionRequest, request: Request):
             if last.usage:
                 total.prompt_tokens += last.usage.prompt_tokens
                 total.completion_tokens += last.usage.completion_tokens
-        content = envelope(
-            [choice(i, text, _finish(last.finish_reason)) for i, (text, last) in enumerate(results)]
-        )
-        content["usage"] = _usage(total)
-        return content
+                total.cached_tokens += last.usage.cached_tokens
+        choices = [
+            replies.CompletionChoice(
+                index=i, text=text, finish_reason=finish_reason(last.finish_reason)
+            )
+            for i, (text, last) in enumerate(results)
+        ]
+        return envelope(choices, usage=_usage(total))
 
     generation = generations[0]
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    timed = _Timed(metrics)
 
-    events = _sse_events(
-        _timed_chunks(generation, timed),
-        generation,
-        metrics,
-        text_event=lambda text: json.dumps(envelope([choice(0, text, None)])),
-        finish_event=lambda finish: json.dumps(envelope([choice(0, "", finish)])),
-        usage_event=(lambda usage: json.dumps({**envelope([]), "usage": usage}))
-        if include_usage
-        else None,
-    )
-    return _stream_response(events)
+    def event(choices: list[replies.CompletionChoice], **extra: Any) -> dict[str, str]:
+        return {"data": envelope(choices, **extra).model_dump_json()}
+
+    async def events() -> AsyncIterator[dict[str, Any]]:
+        async for piece in stream_reply(generation, None, Timed(metrics)):
+            if isinstance(piece, str):
+                yield event([replies.CompletionChoice(index=0, text=piece, finish_reason=None)])
+            elif isinstance(piece, Reply):
+                yield event(
+                    [replies.CompletionChoice(index=0, text="", finish_reason=piece.finish_reason)]
+                )
+                if include_usage:
+                    yield event([], usage=_usage(piece.usage))
+        yield {"data": "[DONE]"}
+
+    return event_stream(events(), generation, metrics)
 
 
 # --- embeddings ----------------------------------------------------------------------------------

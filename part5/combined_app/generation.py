@@ -1,0 +1,320 @@
+"""How the routes run a generation: one place that turns a request into sampling parameters,
+a prompt and a grammar, and reads the engine's chunks back as a whole reply or a stream.
+
+Chat completions and the Responses API both go through :func:`plan_chat`, then::
+
+    job = plan_chat(messages, sampling_params(body, settings), schema=..., tools=..., tool_choice=...)
+    generation = await start_chat(service, job)
+    reply = await read_reply(generation, job, Timed(metrics))      # whole: a Reply
+    async for piece in stream_reply(generation, job, Timed(metrics)):  # or streamed:
+        ...  # str (text), ToolCall (one whole call), and last the Reply
+
+Structured output is held by grammars (``llmlab.structured``): a JSON schema becomes a grammar
+with llama.cpp's converter; tools use the generic format (the whole reply is JSON, a call or
+a text response), held by a grammar built from the tools' parameter schemas. A reply in the
+tool format must be parsed whole before it can be told apart from a text answer, so with
+tools a stream sends the reply (text or calls) once it is finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from fastapi import Request
+from fastapi.concurrency import run_in_threadpool
+from sse_starlette import EventSourceResponse
+
+from llmlab import structured
+from llmlab.backends.base import Chunk, GenerationParams, Message, Usage
+from part5.combined_app import jsonmode
+from part5.combined_app.config import ServerSettings
+from part5.combined_app.errors import APIError, error_body
+from part5.combined_app.metrics import Metrics
+from part5.combined_app.schemas import Sampling
+from part5.combined_app.service import Generation, ModelService
+
+T = TypeVar("T")
+
+
+def sampling_params(body: Sampling, settings: ServerSettings) -> GenerationParams:
+    """The engine's sampling parameters for a request (every generating route calls this).
+
+    Unset fields take the lab's defaults; a length over the server's limit is a 400 naming
+    the field that asked for it (every length field is checked, whichever one wins).
+    """
+    limit = settings.max_tokens_limit
+    asked = [(name, value) for name, value in body.length_fields() if value is not None]
+    for name, value in asked:
+        if value > limit:
+            raise APIError(
+                400,
+                f"{name} is {value}, over this server's limit of {limit}. Ask for fewer.",
+                param=name,
+                code="max_tokens_too_large",
+            )
+    return GenerationParams.from_kwargs(
+        max_tokens=asked[0][1] if asked else settings.default_max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        seed=body.seed,
+        stop=body.stop or [],
+        repeat_penalty=body.repeat_penalty,
+    )
+
+
+@dataclass
+class Where:
+    """Which request fields to name in a 400 (the chat route's names by default)."""
+
+    messages: str = "messages"
+    schema: str = "response_format.json_schema.schema"
+    tools: str = "tools"
+    tool_choice: str = "tool_choice"
+
+
+@dataclass
+class ChatJob:
+    """What to run: the prompt's messages, sampling, the grammar that holds the reply, and
+    the tools when the reply is in the generic tool format."""
+
+    messages: list[Message]
+    params: GenerationParams
+    grammar: str | None = None
+    tools: list[structured.Tool] = field(default_factory=list)
+
+
+def plan_chat(
+    messages: list[dict[str, Any]],
+    params: GenerationParams,
+    *,
+    json_object: bool = False,
+    schema: dict[str, Any] | None = None,
+    tools: list[dict[str, Any]] | None = None,
+    tool_choice: str = "auto",
+    parallel_tool_calls: bool = True,
+    where: Where | None = None,
+) -> ChatJob:
+    """A :class:`ChatJob` for OpenAI-shaped ``messages`` (assistant ``tool_calls`` and ``tool``
+    results included). ``schema`` (or ``json_object``) holds the reply to JSON; ``tools``
+    (OpenAI's ``{"type": "function", "function": {...}}`` entries) with ``tool_choice``
+    ``auto``, ``required`` or a tool's name hold it to the tool format (``none``: plain text),
+    with one call at most unless ``parallel_tool_calls``.
+
+    Raises a 400 :class:`APIError` naming the field for a schema the converter cannot hold,
+    an unknown tool name, or a tool result that answers no call.
+    """
+    where = where or Where()
+    try:
+        known = structured.tools_from_openai(tools or [])
+    except ValueError as exc:
+        raise APIError(400, f"Invalid tools: {exc}.", param=where.tools) from exc
+    names = [tool.name for tool in known]
+    if tool_choice not in ("none", "auto", "required") and tool_choice not in names:
+        raise APIError(
+            400,
+            f"tool_choice names the function {tool_choice!r}, which is not among the tools "
+            f"({', '.join(names) or 'none given'}). Name one of them, or send it in tools.",
+            param=where.tool_choice,
+        )
+    if tool_choice == "required" and not known:
+        raise APIError(
+            400, "tool_choice 'required' needs at least one tool in tools.", param=where.tool_choice
+        )
+    active = known if tool_choice != "none" else []
+    try:
+        prepared = structured.prepare_messages(messages, active or None)
+    except ValueError as exc:
+        raise APIError(400, f"Invalid messages: {exc}.", param=where.messages) from exc
+    if active:
+        grammar = _grammar(
+            lambda: structured.tool_grammar(active, tool_choice, parallel_tool_calls), where.tools
+        )
+        return ChatJob(prepared, params, grammar, active)
+    if schema is not None:
+        grammar = _grammar(lambda: structured.grammar_for_schema(schema), where.schema)
+        return ChatJob(jsonmode.with_instruction(prepared, schema), params, grammar)
+    if json_object:
+        return ChatJob(jsonmode.with_instruction(prepared), params, jsonmode.GRAMMAR)
+    return ChatJob(prepared, params)
+
+
+def _grammar(make: Any, param: str) -> str:
+    try:
+        return make()
+    except structured.SchemaError as exc:
+        raise APIError(
+            400,
+            f"This JSON schema cannot be held by a grammar: {exc}. Remove that part, or check "
+            "the value elsewhere.",
+            param=param,
+            code="invalid_schema",
+        ) from exc
+
+
+async def start_chat(service: ModelService, job: ChatJob, param: str = "messages") -> Generation:
+    """Check the prompt against the limits (tokenized in a worker thread) and queue the job."""
+    prompt_tokens = len(await run_in_threadpool(service.prompt_ids, messages=job.messages))
+    service.check_limits(prompt_tokens, job.params.max_tokens, param)
+    return await service.submit(messages=job.messages, params=job.params, grammar=job.grammar)
+
+
+# --- reading a generation ------------------------------------------------------------------
+
+
+@dataclass
+class Reply:
+    """A finished chat reply: text or tool calls, why it ended, and its token counts."""
+
+    content: str | None
+    tool_calls: list[structured.ToolCall]
+    finish_reason: str  # stop, length or tool_calls
+    usage: Usage
+
+
+def finish_reason(reason: str | None) -> str:
+    """OpenAI's finish reason for the engine's (``length``, else ``stop``)."""
+    return "length" if reason == "length" else "stop"
+
+
+class Timed:
+    """Feeds token counts and time to first token of one generation into the metrics."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+        self.started = time.perf_counter()
+        self.first = False
+
+    def chunk(self, chunk: Chunk) -> None:
+        if chunk.text and not self.first:
+            self.first = True
+            self.metrics.ttft.observe(time.perf_counter() - self.started)
+        if chunk.usage is not None:
+            self.metrics.count_tokens(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
+
+
+async def collect(generation: Generation, timed: Timed) -> tuple[str, Chunk]:
+    """The whole text of a generation and its last chunk (usage, finish reason)."""
+    parts: list[str] = []
+    last = Chunk("")
+    try:
+        async for last in generation:
+            timed.chunk(last)
+            parts.append(last.text)
+    finally:
+        generation.cancel()  # no-op when finished; frees the slot if this task was cancelled
+    return "".join(parts), last
+
+
+def _reply(job: ChatJob | None, text: str, last: Chunk) -> Reply:
+    usage = last.usage or Usage()
+    if job is None or not job.tools or last.finish_reason == "length":
+        return Reply(text, [], finish_reason(last.finish_reason), usage)
+    content, calls = structured.parse_tool_reply(text)
+    return Reply(content, calls, "tool_calls" if calls else "stop", usage)
+
+
+async def read_reply(generation: Generation, job: ChatJob, timed: Timed) -> Reply:
+    """The whole reply (tool calls parsed)."""
+    text, last = await collect(generation, timed)
+    return _reply(job, text, last)
+
+
+async def stream_reply(
+    generation: Generation, job: ChatJob | None, timed: Timed
+) -> AsyncIterator[str | structured.ToolCall | Reply]:
+    """Text pieces as they are decoded (with tools: the text or the calls once the reply is
+    whole), then the :class:`Reply`. ``job`` None: a raw text completion."""
+    if job is not None and job.tools:
+        reply = await read_reply(generation, job, timed)
+        if reply.content:
+            yield reply.content
+        for call in reply.tool_calls:
+            yield call
+        yield reply
+        return
+    parts: list[str] = []
+    last = Chunk("")
+    async for last in generation:
+        timed.chunk(last)
+        if last.text:
+            parts.append(last.text)
+            yield last.text
+    yield _reply(job, "".join(parts), last)
+
+
+# Streamed tool-call arguments go out in pieces of this many characters.
+ARGUMENT_PIECE = 16
+
+
+def argument_pieces(arguments: str) -> list[str]:
+    """A tool call's JSON arguments cut into the pieces a stream sends."""
+    return [arguments[i : i + ARGUMENT_PIECE] for i in range(0, len(arguments), ARGUMENT_PIECE)]
+
+
+# --- connections ---------------------------------------------------------------------------
+
+# nginx's "client closed request": logged for a reply nobody is left to read.
+CLIENT_CLOSED = 499
+
+
+async def _client_left(request: Request) -> None:
+    """Return when the client closes its connection (the body has been read by then)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_client_leaves(request: Request, work: Awaitable[T], metrics: Metrics) -> T | None:
+    """Await ``work`` (a whole, non-streamed reply) unless the client hangs up first (None).
+
+    Starlette goes on running a handler whose client has gone, so without this a closed
+    connection would keep its slot until ``max_tokens``. Cancelling ``work`` cancels its
+    generations (:func:`collect` cancels them on the way out).
+    """
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_client_left(request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        watcher.cancel()
+        raise
+    if task in done:
+        watcher.cancel()
+        return task.result()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    metrics.cancelled.inc()
+    return None
+
+
+async def _guarded(
+    events: AsyncIterator[dict[str, Any]], generation: Generation, metrics: Metrics
+) -> AsyncIterator[dict[str, Any]]:
+    """``events``, with an error mid-stream sent as an error event; a client that goes away
+    cancels the generation, which frees its slot."""
+    finished = False
+    try:
+        async for event in events:
+            yield event
+        finished = True
+    except APIError as exc:
+        finished = True
+        yield {"data": json.dumps(error_body(exc.status, exc.message, exc.param, exc.code))}
+    finally:
+        if not finished:
+            metrics.cancelled.inc()
+        generation.cancel()
+
+
+def event_stream(
+    events: AsyncIterator[dict[str, Any]], generation: Generation, metrics: Metrics
+) -> EventSourceResponse:
+    """A server-sent event response of ``events`` (dicts with ``data``, maybe ``event``)."""
+    # A comment ping every 15 s keeps proxies from closing a stream that waits in the queue.
+    return EventSourceResponse(_guarded(events, generation, metrics), ping=15, sep="\n")
