@@ -161,6 +161,9 @@ def fingerprint(tokens: list[Tokens], config: TrainConfig, lora: dict) -> str:
     for t in tokens:
         digest.update(json.dumps([t.input_ids, t.labels]).encode())
     settings = {**asdict(config), "max_steps": None}  # a longer or shorter run may resume
+    # Where the base weights were read from (the GGUF on a first load, the converted
+    # checkpoint after it) says nothing about the run; the data's token ids pin the model.
+    lora = {k: v for k, v in lora.items() if k != "base_model_name_or_path"}
     digest.update(json.dumps([settings, lora], sort_keys=True, default=str).encode())
     return digest.hexdigest()[:16]
 

@@ -248,10 +248,11 @@ class ModelService:
 
     @property
     def model_id(self) -> str:
-        """The name clients use for the chat model (its catalog name)."""
-        return (
-            self.spec.name if self.spec else (self.settings.model or get_settings().default_model)
-        )
+        """The name clients use for the chat model: its catalog name, or ``name:tag`` when a
+        version other than the name's default is served (a quantized or fine-tuned one)."""
+        if self.spec is None:
+            return self.settings.model or get_settings().default_model
+        return self.spec.name if self.spec.default else self.spec.ref
 
     def check_chat_model(self, name: str | None) -> None:
         """Accept the served model's name or ``name:tag`` (or no name); 404 for anything else."""

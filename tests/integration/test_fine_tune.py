@@ -1,7 +1,7 @@
 """part4/fine_tune.py and its export on the real default model, CI-sized (a couple of steps):
 the GGUF adapter on llama.cpp and the merged GGUF give the transformers model's next-token
 scores, a run stopped by Ctrl-C resumes, and the registered result works in the part 3
-programs."""
+programs and the server."""
 
 from __future__ import annotations
 
@@ -11,14 +11,17 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from fastapi.testclient import TestClient
 
 from llmlab import backends, registry
 from llmlab.finetune import data, export_gguf, train
+from part5.combined_app import ServerSettings, create_app
 
 ROOT = Path(__file__).resolve().parents[2]
 HELDOUT = ROOT / "part4" / "data" / "heldout.jsonl"
@@ -88,7 +91,7 @@ def test_gguf_adapter_and_merged_gguf_score_like_the_transformers_model(tmp_path
 
 
 @pytest.mark.slow
-def test_ci_sized_run_resumes_after_ctrl_c_registers_and_serves_the_part3_programs(
+def test_ci_sized_run_resumes_after_ctrl_c_registers_and_serves_everywhere(
     tmp_path, monkeypatch, capsys
 ):
     out = tmp_path / "run"
@@ -138,3 +141,14 @@ def test_ci_sized_run_resumes_after_ctrl_c_registers_and_serves_the_part3_progra
     assert batch_process.main(batch_args) == 0
     rows = [json.loads(line) for line in answers.read_text().splitlines()]
     assert len(rows) == 2 and all(r["output"] for r in rows)
+
+    settings = ServerSettings(model=spec.ref, n_ctx=512, parallel=1)
+    with TestClient(create_app(settings)) as client:
+        while client.get("/health").json()["status"] == "loading":
+            time.sleep(0.1)
+        assert spec.ref in [m["id"] for m in client.get("/v1/models").json()["data"]]
+        question = [{"role": "user", "content": "Where is the first aid kit?"}]
+        body = {"model": spec.ref, "messages": question, "max_tokens": 8, "temperature": 0}
+        reply = client.post("/v1/chat/completions", json=body)
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["model"] == spec.ref and reply.json()["choices"][0]["message"]["content"]
