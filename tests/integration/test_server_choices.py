@@ -6,6 +6,8 @@ One server (real default model, three slots, one test adapter loaded) serves the
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 from lora_adapters import make_adapter
@@ -215,3 +217,62 @@ def test_a_lora_request_gives_the_engines_greedy_text_with_that_adapter(client, 
         engine.close()
     assert served.choices[0].message.content == expected
     assert base.choices[0].message.content != expected
+
+
+PERSON = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 16}, "age": {"type": "integer"}},
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather now in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 24}},
+            "required": ["city"],
+        },
+    },
+}
+
+
+def test_each_sampled_choice_follows_the_json_schema(client):
+    reply = client.chat.completions.create(
+        model="smollm2-135m-instruct",
+        messages=[{"role": "user", "content": "Make up a person."}],
+        max_tokens=48,
+        temperature=1.0,
+        seed=3,
+        n=3,
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "person", "schema": PERSON},
+        },
+    )
+    assert len(reply.choices) == 3
+    for choice in reply.choices:
+        person = json.loads(choice.message.content)
+        assert set(person) == {"name", "age"}
+        assert isinstance(person["age"], int)
+
+
+def test_each_choice_with_a_required_tool_is_a_call(client):
+    reply = client.chat.completions.create(
+        model="smollm2-135m-instruct",
+        messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+        max_tokens=48,
+        temperature=1.0,
+        seed=5,
+        n=2,
+        tools=[WEATHER],
+        tool_choice="required",
+    )
+    assert [c.index for c in reply.choices] == [0, 1]
+    for choice in reply.choices:
+        assert choice.finish_reason == "tool_calls"
+        call = choice.message.tool_calls[0]
+        assert call.function.name == "get_weather"
+        assert isinstance(json.loads(call.function.arguments)["city"], str)
