@@ -573,7 +573,8 @@ def install_openapi(app: FastAPI, settings: ServerSettings) -> None:
             for name in ("ChatCompletionRequest", "CompletionRequest"):
                 properties = models[name]["properties"]
                 _cap(properties["n"], "maximum", settings.parallel)
-                _cap(properties["lora"], "maxItems", len(settings.lora))
+                if not settings.lora:  # nothing to ask for
+                    _cap(properties["lora"], "maxItems", 0)
             if settings.lora:
                 _cap(models["LoraScale"]["properties"]["id"], "maximum", len(settings.lora) - 1)
             _cap(
