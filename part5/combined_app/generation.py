@@ -7,7 +7,12 @@ Chat completions and the Responses API both go through :func:`plan_chat`, then::
     generation = await start_chat(service, job)
     reply = await read_reply(generation, job, Timed(metrics))      # whole: a Reply
     async for piece in stream_reply(generation, job, Timed(metrics)):  # or streamed:
-        ...  # str (text), ToolCall (one whole call), and last the Reply
+        ...  # Text (str, with its logprobs), ToolCall (one whole call), and last the Reply
+
+Several choices of one prompt (OpenAI's ``n``), logprobs and LoRA adapters come from
+:func:`choice_options`; :func:`start_choices` queues the choices (one prefill),
+:func:`read_replies` reads them whole and :func:`stream_choices` streams them as
+``(index, piece)`` pairs. Each choice is read as a single reply is (tools parsed the same way).
 
 Structured output is held by grammars (``llmlab.structured``): a JSON schema becomes a grammar
 with llama.cpp's converter; tools use the generic format (the whole reply is JSON, a call or
@@ -30,12 +35,12 @@ from fastapi.concurrency import run_in_threadpool
 from sse_starlette import EventSourceResponse
 
 from llmlab import structured
-from llmlab.backends.base import Chunk, GenerationParams, Message, Usage
+from llmlab.backends.base import Chunk, GenerationParams, Message, TokenLogprob, Usage
 from part5.combined_app import jsonmode
 from part5.combined_app.config import ServerSettings
 from part5.combined_app.errors import APIError, error_body
 from part5.combined_app.metrics import Metrics
-from part5.combined_app.schemas import Sampling
+from part5.combined_app.schemas import Sampling, SamplingFields
 from part5.combined_app.service import Generation, ModelService
 
 T = TypeVar("T")
@@ -69,6 +74,54 @@ def sampling_params(body: Sampling, settings: ServerSettings) -> GenerationParam
 
 
 @dataclass
+class Options:
+    """What a request asks of the engine besides sampling: ``n`` choices, ``logprobs``
+    alternatives per token (None: off) and LoRA adapters by name with their scales."""
+
+    n: int = 1
+    logprobs: int | None = None
+    lora: dict[str, float] | None = None
+
+
+def choice_options(body: SamplingFields, settings: ServerSettings) -> Options:
+    """The request's ``n``, logprobs and ``lora`` (ids as ``GET /lora-adapters`` lists
+    them) checked against this server: a 400 names the field and what it allows."""
+    if body.n > settings.parallel:
+        raise APIError(
+            400,
+            f"n is {body.n}, but this server decodes at most {settings.parallel} sequences at "
+            f"once (--parallel {settings.parallel}). Ask for n of 1 to {settings.parallel}.",
+            param="n",
+        )
+    return Options(body.n, body.logprob_count(), _lora(body, settings))
+
+
+def _lora(body: SamplingFields, settings: ServerSettings) -> dict[str, float] | None:
+    if not body.lora:
+        return None
+    names = list(settings.lora)
+    if not names:
+        raise APIError(
+            400,
+            "This server has no LoRA adapters loaded. Start it with --lora NAME=PATH to "
+            "serve one, or leave lora out.",
+            param="lora",
+        )
+    chosen: dict[str, float] = {}
+    for position, adapter in enumerate(body.lora):
+        if adapter.id >= len(names):
+            loaded = ", ".join(f"{i} ({name})" for i, name in enumerate(names))
+            raise APIError(
+                400,
+                f"lora[{position}] asks for adapter id {adapter.id}, which is not loaded. "
+                f"Loaded adapters (GET /lora-adapters): {loaded}.",
+                param=f"lora.{position}.id",
+            )
+        chosen[names[adapter.id]] = adapter.scale
+    return chosen
+
+
+@dataclass
 class Where:
     """Which request fields to name in a 400 (the chat route's names by default)."""
 
@@ -87,6 +140,7 @@ class ChatJob:
     params: GenerationParams
     grammar: str | None = None
     tools: list[structured.Tool] = field(default_factory=list)
+    options: Options = field(default_factory=Options)
 
 
 def plan_chat(
@@ -99,17 +153,36 @@ def plan_chat(
     tool_choice: str = "auto",
     parallel_tool_calls: bool = True,
     where: Where | None = None,
+    options: Options | None = None,
 ) -> ChatJob:
     """A :class:`ChatJob` for OpenAI-shaped ``messages`` (assistant ``tool_calls`` and ``tool``
     results included). ``schema`` (or ``json_object``) holds the reply to JSON; ``tools``
     (OpenAI's ``{"type": "function", "function": {...}}`` entries) with ``tool_choice``
     ``auto``, ``required`` or a tool's name hold it to the tool format (``none``: plain text),
-    with one call at most unless ``parallel_tool_calls``.
+    with one call at most unless ``parallel_tool_calls``. ``options``: choices, logprobs,
+    adapters (default: one choice, the base model).
 
     Raises a 400 :class:`APIError` naming the field for a schema the converter cannot hold,
     an unknown tool name, or a tool result that answers no call.
     """
     where = where or Where()
+    job = _plan(
+        messages, params, json_object, schema, tools, tool_choice, parallel_tool_calls, where
+    )
+    job.options = options or Options()
+    return job
+
+
+def _plan(
+    messages: list[dict[str, Any]],
+    params: GenerationParams,
+    json_object: bool,
+    schema: dict[str, Any] | None,
+    tools: list[dict[str, Any]] | None,
+    tool_choice: str,
+    parallel_tool_calls: bool,
+    where: Where,
+) -> ChatJob:
     try:
         known = structured.tools_from_openai(tools or [])
     except ValueError as exc:
@@ -158,10 +231,41 @@ def _grammar(make: Any, param: str) -> str:
 
 
 async def start_chat(service: ModelService, job: ChatJob, param: str = "messages") -> Generation:
-    """Check the prompt against the limits (tokenized in a worker thread) and queue the job."""
+    """Check the prompt against the limits (tokenized in a worker thread) and queue the job
+    (its first choice: the Responses API has one)."""
+    return (await start_choices(service, job, param))[0]
+
+
+async def start_choices(
+    service: ModelService, job: ChatJob, param: str = "messages"
+) -> list[Generation]:
+    """As :func:`start_chat`, for every choice of the job (``job.options.n``)."""
     prompt_tokens = len(await run_in_threadpool(service.prompt_ids, messages=job.messages))
     service.check_limits(prompt_tokens, job.params.max_tokens, param)
-    return await service.submit(messages=job.messages, params=job.params, grammar=job.grammar)
+    return await service.submit_choices(
+        messages=job.messages, params=job.params, grammar=job.grammar, **vars(job.options)
+    )
+
+
+async def start_completions(
+    service: ModelService, prompts: list[str], params: GenerationParams, options: Options
+) -> list[list[Generation]]:
+    """Check raw-text prompts against the limits and queue ``options.n`` choices of each
+    (one list per prompt); if one cannot be queued, those already queued are cancelled."""
+    for prompt in prompts:
+        ids = await run_in_threadpool(service.prompt_ids, prompt=prompt)
+        service.check_limits(len(ids), params.max_tokens, "prompt")
+    groups: list[list[Generation]] = []
+    try:
+        for prompt in prompts:
+            groups.append(
+                await service.submit_choices(prompt=prompt, params=params, **vars(options))
+            )
+    except APIError:
+        for generation in (g for group in groups for g in group):
+            generation.cancel()
+        raise
+    return groups
 
 
 # --- reading a generation ------------------------------------------------------------------
@@ -175,6 +279,39 @@ class Reply:
     tool_calls: list[structured.ToolCall]
     finish_reason: str  # stop, length or tool_calls
     usage: Usage
+    logprobs: list[TokenLogprob] | None = None  # one per generated token, when asked for
+
+
+class Text(str):
+    """A streamed piece of reply text, with the logprobs of its tokens (None: not asked for)."""
+
+    logprobs: list[TokenLogprob] | None = None
+
+    @classmethod
+    def of(cls, text: str, logprobs: list[TokenLogprob] | None) -> Text:
+        piece = cls(text)
+        piece.logprobs = logprobs
+        return piece
+
+
+def choices_usage(usages: list[Usage]) -> Usage:
+    """The usage of several choices of one prompt: its prompt (read once) and every choice's
+    completion tokens."""
+    first = usages[0] if usages else Usage()
+    return Usage(
+        prompt_tokens=first.prompt_tokens,
+        completion_tokens=sum(u.completion_tokens for u in usages),
+        cached_tokens=first.cached_tokens,
+    )
+
+
+def add_usage(usages: list[Usage]) -> Usage:
+    """The usage of separate prompts, added up."""
+    return Usage(
+        prompt_tokens=sum(u.prompt_tokens for u in usages),
+        completion_tokens=sum(u.completion_tokens for u in usages),
+        cached_tokens=sum(u.cached_tokens for u in usages),
+    )
 
 
 def finish_reason(reason: str | None) -> str:
@@ -198,54 +335,102 @@ class Timed:
             self.metrics.count_tokens(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
 
 
-async def collect(generation: Generation, timed: Timed) -> tuple[str, Chunk]:
-    """The whole text of a generation and its last chunk (usage, finish reason)."""
-    parts: list[str] = []
-    last = Chunk("")
+class _Pieces:
+    """The text and logprobs of a generation's chunks so far."""
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.logprobs: list[TokenLogprob] | None = None
+        self.last = Chunk("")
+
+    def add(self, chunk: Chunk) -> None:
+        self.last = chunk
+        self.parts.append(chunk.text)
+        if chunk.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + chunk.logprobs
+
+    def reply(self, job: ChatJob | None) -> Reply:
+        text, last = "".join(self.parts), self.last
+        usage = last.usage or Usage()
+        if job is None or not job.tools or last.finish_reason == "length":
+            return Reply(text, [], finish_reason(last.finish_reason), usage, self.logprobs)
+        content, calls = structured.parse_tool_reply(text)
+        return Reply(content, calls, "tool_calls" if calls else "stop", usage, self.logprobs)
+
+
+async def read_reply(generation: Generation, job: ChatJob | None, timed: Timed) -> Reply:
+    """The whole reply (tool calls parsed; ``job`` None: a raw text completion)."""
+    pieces = _Pieces()
     try:
-        async for last in generation:
-            timed.chunk(last)
-            parts.append(last.text)
+        async for chunk in generation:
+            timed.chunk(chunk)
+            pieces.add(chunk)
     finally:
         generation.cancel()  # no-op when finished; frees the slot if this task was cancelled
-    return "".join(parts), last
+    return pieces.reply(job)
 
 
-def _reply(job: ChatJob | None, text: str, last: Chunk) -> Reply:
-    usage = last.usage or Usage()
-    if job is None or not job.tools or last.finish_reason == "length":
-        return Reply(text, [], finish_reason(last.finish_reason), usage)
-    content, calls = structured.parse_tool_reply(text)
-    return Reply(content, calls, "tool_calls" if calls else "stop", usage)
-
-
-async def read_reply(generation: Generation, job: ChatJob, timed: Timed) -> Reply:
-    """The whole reply (tool calls parsed)."""
-    text, last = await collect(generation, timed)
-    return _reply(job, text, last)
+async def read_replies(
+    generations: list[Generation], job: ChatJob | None, metrics: Metrics
+) -> list[Reply]:
+    """Every choice's whole reply, in choice order."""
+    return list(await asyncio.gather(*(read_reply(g, job, Timed(metrics)) for g in generations)))
 
 
 async def stream_reply(
     generation: Generation, job: ChatJob | None, timed: Timed
 ) -> AsyncIterator[str | structured.ToolCall | Reply]:
-    """Text pieces as they are decoded (with tools: the text or the calls once the reply is
-    whole), then the :class:`Reply`. ``job`` None: a raw text completion."""
+    """:class:`Text` pieces as they are decoded (with tools: the text or the calls once the
+    reply is whole), then the :class:`Reply`. ``job`` None: a raw text completion."""
     if job is not None and job.tools:
         reply = await read_reply(generation, job, timed)
         if reply.content:
-            yield reply.content
+            yield Text.of(reply.content, reply.logprobs)
         for call in reply.tool_calls:
             yield call
         yield reply
         return
-    parts: list[str] = []
-    last = Chunk("")
-    async for last in generation:
-        timed.chunk(last)
-        if last.text:
-            parts.append(last.text)
-            yield last.text
-    yield _reply(job, "".join(parts), last)
+    pieces = _Pieces()
+    async for chunk in generation:
+        timed.chunk(chunk)
+        pieces.add(chunk)
+        if chunk.text or chunk.logprobs:
+            yield Text.of(chunk.text, chunk.logprobs)
+    yield pieces.reply(job)
+
+
+_END = object()  # one choice's stream is over
+
+
+async def stream_choices(
+    generations: list[Generation], job: ChatJob | None, metrics: Metrics
+) -> AsyncIterator[tuple[int, Text | structured.ToolCall | Reply]]:
+    """Every choice's :func:`stream_reply` pieces as ``(choice index, piece)``, in the order
+    they are decoded (each choice's own pieces keep their order)."""
+    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+
+    async def pump(index: int, generation: Generation) -> None:
+        try:
+            async for piece in stream_reply(generation, job, Timed(metrics)):
+                await queue.put((index, piece))
+        except Exception as exc:  # handed on to the reader, which raises it
+            await queue.put((index, exc))
+        await queue.put((index, _END))
+
+    tasks = [asyncio.ensure_future(pump(i, g)) for i, g in enumerate(generations)]
+    try:
+        running = len(tasks)
+        while running:
+            index, piece = await queue.get()
+            if isinstance(piece, Exception):
+                raise piece
+            if piece is _END:
+                running -= 1
+            else:
+                yield index, piece
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 # Streamed tool-call arguments go out in pieces of this many characters.
@@ -294,7 +479,7 @@ async def unless_client_leaves(request: Request, work: Awaitable[T], metrics: Me
 
 
 async def _guarded(
-    events: AsyncIterator[dict[str, Any]], generation: Generation, metrics: Metrics
+    events: AsyncIterator[dict[str, Any]], generations: list[Generation], metrics: Metrics
 ) -> AsyncIterator[dict[str, Any]]:
     """``events``, with an error mid-stream sent as an error event; a client that goes away
     cancels the generation, which frees its slot."""
@@ -309,12 +494,17 @@ async def _guarded(
     finally:
         if not finished:
             metrics.cancelled.inc()
-        generation.cancel()
+        for generation in generations:
+            generation.cancel()
 
 
 def event_stream(
-    events: AsyncIterator[dict[str, Any]], generation: Generation, metrics: Metrics
+    events: AsyncIterator[dict[str, Any]],
+    generation: Generation | list[Generation],
+    metrics: Metrics,
 ) -> EventSourceResponse:
-    """A server-sent event response of ``events`` (dicts with ``data``, maybe ``event``)."""
+    """A server-sent event response of ``events`` (dicts with ``data``, maybe ``event``);
+    ``generation`` (or each of a list) is cancelled when the stream ends or the client leaves."""
+    generations = generation if isinstance(generation, list) else [generation]
     # A comment ping every 15 s keeps proxies from closing a stream that waits in the queue.
-    return EventSourceResponse(_guarded(events, generation, metrics), ping=15, sep="\n")
+    return EventSourceResponse(_guarded(events, generations, metrics), ping=15, sep="\n")

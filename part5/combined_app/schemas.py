@@ -1,7 +1,7 @@
 """Request bodies of the OpenAI-compatible routes, the document routes and the batch routes.
 
 Only what the lab supports is accepted; fields OpenAI defines that the lab cannot honour
-(``n`` > 1, ``logprobs``, ``echo``, ``suffix``) are refused with a 400 that says so, rather
+(``echo``, ``suffix``, ``previous_response_id``) are refused with a 400 that says so, rather
 than silently ignored. Unknown extra fields are ignored, as OpenAI-compatible servers do.
 
 The rules are declared here (lengths, ranges, patterns), so ``/openapi.json`` states what
@@ -314,6 +314,13 @@ class Sampling(_Lenient):
         return [("max_tokens", self.max_tokens)]
 
 
+class LoraScale(_Lenient):
+    """One adapter for a request, in llama.cpp server's shape: its id and its scale."""
+
+    id: int = Field(ge=0)
+    scale: float = 1.0
+
+
 class SamplingFields(Sampling):
     """What both OpenAI completion routes share."""
 
@@ -321,10 +328,17 @@ class SamplingFields(Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: Annotated[int, Field(ge=1), refused(1)] = 1
+    n: int = Field(1, ge=1, description="Choices from the one prompt (at most the server's slots).")
+    lora: list[LoraScale] | None = Field(
+        None, description="LoRA adapters for this request, by their ids in GET /lora-adapters."
+    )
 
     def length_fields(self) -> list[tuple[str, int | None]]:
         return [("max_completion_tokens", self.max_completion_tokens), *super().length_fields()]
+
+    def logprob_count(self) -> int | None:
+        """How many alternatives each token's logprobs list (None: no logprobs asked for)."""
+        return None
 
 
 # OpenAI's limit: at most 20 alternatives per position.
@@ -337,8 +351,20 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[ChatTool] | None = None
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
-    logprobs: Annotated[bool | None, refused(False, None)] = None
+    logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    def logprob_count(self) -> int | None:
+        """``top_logprobs`` alternatives when ``logprobs`` is true (a 400 without it)."""
+        if not self.logprobs:
+            if self.top_logprobs:
+                raise APIError(
+                    400,
+                    "top_logprobs needs logprobs: true. Send both, or leave top_logprobs out.",
+                    param="top_logprobs",
+                )
+            return None
+        return self.top_logprobs or 0
 
 
 class CompletionRequest(SamplingFields):
@@ -353,7 +379,10 @@ class CompletionRequest(SamplingFields):
     prompt: NonEmpty | Annotated[list[NonEmpty], Field(min_length=1)]
     echo: Annotated[bool, refused(False)] = False
     suffix: Annotated[str | None, refused("", None)] = None
-    logprobs: Annotated[int | None, Field(ge=0, le=5), refused(0, None)] = None
+    logprobs: int | None = Field(None, ge=0, le=5)
+
+    def logprob_count(self) -> int | None:
+        return self.logprobs
 
 
 class TokenizeRequest(_Lenient):
@@ -541,6 +570,13 @@ def install_openapi(app: FastAPI, settings: ServerSettings) -> None:
                         _cap(
                             models[name]["properties"][field], "maximum", settings.max_tokens_limit
                         )
+            for name in ("ChatCompletionRequest", "CompletionRequest"):
+                properties = models[name]["properties"]
+                _cap(properties["n"], "maximum", settings.parallel)
+                if not settings.lora:  # nothing to ask for
+                    _cap(properties["lora"], "maxItems", 0)
+            if settings.lora:
+                _cap(models["LoraScale"]["properties"]["id"], "maximum", len(settings.lora) - 1)
             _cap(
                 models["BatchRequest"]["properties"]["prompts"],
                 "maxItems",

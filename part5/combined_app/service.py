@@ -357,13 +357,42 @@ class ModelService:
     ) -> Generation:
         """Queue one generation on the shared engine (``grammar``: GBNF the reply must follow);
         503 with Retry-After when the queue is full. The prompt is tokenized in a worker thread."""
-        engine = self.require_ready()
-        generation = Generation()
-        request = Request(messages=messages, prompt=prompt, params=params, grammar=grammar)
-        try:
-            generation.handle = await run_in_threadpool(
-                engine.submit, request, on_chunk=generation._put
+        return (
+            await self.submit_choices(
+                params=params, messages=messages, prompt=prompt, grammar=grammar
             )
+        )[0]
+
+    async def submit_choices(
+        self,
+        *,
+        params: GenerationParams,
+        messages: list[Message] | None = None,
+        prompt: str | None = None,
+        grammar: str | None = None,
+        n: int = 1,
+        logprobs: int | None = None,
+        lora: dict[str, float] | None = None,
+    ) -> list[Generation]:
+        """Queue ``n`` choices of one prompt (prefilled once), one :class:`Generation` each,
+        with ``logprobs`` and ``lora`` adapters as :class:`llmlab.engine.Request` takes them;
+        errors as :meth:`submit`."""
+        engine = self.require_ready()
+        generations = [Generation() for _ in range(n)]
+        request = Request(
+            messages=messages,
+            prompt=prompt,
+            params=params,
+            grammar=grammar,
+            logprobs=logprobs,
+            lora=lora,
+        )
+
+        def on_chunk(chunk: Chunk) -> None:
+            generations[chunk.index]._put(chunk)
+
+        try:
+            handles = await run_in_threadpool(engine.submit_choices, request, n, on_chunk=on_chunk)
         except ContextOverflowError as exc:
             raise _as_api_error(exc) from exc
         except ValueError as exc:  # an empty prompt
@@ -380,7 +409,9 @@ class ModelService:
             ) from exc
         except EngineError as exc:  # the engine failed or closed since require_ready
             raise self.unavailable(exc) from exc
-        return generation
+        for generation, handle in zip(generations, handles, strict=True):
+            generation.handle = handle
+        return generations
 
     def queue_depth(self) -> int:
         """Requests waiting for a slot."""

@@ -40,7 +40,8 @@ CHECKS = [
 ]
 
 
-LIMITS = {"max_tokens_limit": 4, "default_max_tokens": 4, "max_batch_prompts": 3}
+# parallel: the schema states it (n is at most the server's slots).
+LIMITS = {"max_tokens_limit": 4, "default_max_tokens": 4, "max_batch_prompts": 3, "parallel": 2}
 OPENAPI = create_app(ServerSettings(**LIMITS)).openapi()
 # The coverage phase sends boundary cases; for /v1/embeddings that is 2048 texts at once,
 # which takes the model most of a minute on 2 cores: its other phases still run.
@@ -52,7 +53,7 @@ schema = schemathesis.openapi.from_dict(OPENAPI, config=CONFIG)
 
 @pytest.fixture(scope="module")
 def base_url(tmp_path_factory):
-    server = ServerSettings(threads=1, home=tmp_path_factory.mktemp("home"), parallel=2, **LIMITS)
+    server = ServerSettings(threads=1, home=tmp_path_factory.mktemp("home"), **LIMITS)
     with running_server(server) as url:
         assert httpx.get(f"{url}/openapi.json").json() == OPENAPI
         # The embedding model loads on first use: not inside a fuzzed request's timeout.
@@ -75,9 +76,12 @@ def openai_error_shape(ctx, response, case) -> None:
 # an upload's file name and type live inside the multipart parts, ``dimensions`` must be
 # the embedding model's own vector size, a JSON schema (response format, tool parameters)
 # must be one a grammar can hold, a tool result must answer an earlier call and tool_choice
-# must name a given tool, and token ids must be in the model's vocabulary. Every other check
-# still runs on these routes.
-GRAMMAR_RULES = "schemas a grammar holds, tool results that answer a call, known tool names"
+# must name a given tool, top_logprobs needs logprobs true, and token ids must be in the
+# model's vocabulary. Every other check still runs on these routes.
+GRAMMAR_RULES = (
+    "schemas a grammar holds, tool results that answer a call, known tool names, "
+    "top_logprobs with logprobs"
+)
 CANNOT_STATE = {
     ("POST", "/api/collections/{collection}/files"): "upload file names and types",
     ("POST", "/v1/embeddings"): "dimensions equal to the model's vector size",

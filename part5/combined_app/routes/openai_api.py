@@ -12,7 +12,6 @@ a typed reply (``replies``); streams are server-sent events of the same types.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import time
 import uuid
@@ -25,7 +24,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
 from llmlab import registry
-from llmlab.backends.base import Usage
+from llmlab.backends.base import TokenLogprob, Usage
 from llmlab.structured import ToolCall
 from part5.combined_app import replies
 from part5.combined_app.errors import APIError, responses
@@ -33,16 +32,18 @@ from part5.combined_app.generation import (
     CLIENT_CLOSED,
     ChatJob,
     Reply,
-    Timed,
+    Text,
+    add_usage,
     argument_pieces,
-    collect,
+    choice_options,
+    choices_usage,
     event_stream,
-    finish_reason,
     plan_chat,
-    read_reply,
+    read_replies,
     sampling_params,
-    start_chat,
-    stream_reply,
+    start_choices,
+    start_completions,
+    stream_choices,
     unless_client_leaves,
 )
 from part5.combined_app.metrics import Metrics
@@ -52,7 +53,6 @@ from part5.combined_app.schemas import (
     EmbeddingRequest,
     JSONObjectFormat,
     JSONSchemaFormat,
-    SamplingFields,
     TextRoute,
 )
 from part5.combined_app.service import ModelService
@@ -90,12 +90,43 @@ def _usage(usage: Usage | None) -> replies.CompletionUsage:
     )
 
 
-def _refuse_unsupported(body: SamplingFields) -> None:
-    """n > 1 and logprobs: declared and validated, not decoded by the engine yet."""
-    if body.n != 1:
-        raise APIError(400, "Only n=1 is supported: send one request per reply.", param="n")
-    if body.logprobs:
-        raise APIError(400, "logprobs are not supported by this server.", param="logprobs")
+def _chat_logprobs(entries: list[TokenLogprob] | None) -> replies.ChoiceLogprobs | None:
+    """OpenAI's chat ``logprobs.content``: each token with its bytes and alternatives."""
+    if entries is None:
+        return None
+    return replies.ChoiceLogprobs(
+        content=[
+            replies.TokenLogprob(
+                token=e.token,
+                logprob=e.logprob,
+                bytes=e.bytes,
+                top_logprobs=[
+                    replies.TopLogprob(token=t.token, logprob=t.logprob, bytes=t.bytes)
+                    for t in e.top_logprobs
+                ],
+            )
+            for e in entries
+        ]
+    )
+
+
+def _completion_logprobs(
+    entries: list[TokenLogprob] | None, offset: int = 0
+) -> replies.CompletionLogprobs | None:
+    """OpenAI's legacy completion logprobs; ``text_offset`` counts characters from ``offset``
+    (where this piece starts in the choice's text)."""
+    if entries is None:
+        return None
+    offsets = []
+    for entry in entries:
+        offsets.append(offset)
+        offset += len(entry.token)
+    return replies.CompletionLogprobs(
+        tokens=[e.token for e in entries],
+        token_logprobs=[e.logprob for e in entries],
+        top_logprobs=[{t.token: t.logprob for t in e.top_logprobs} for e in entries],
+        text_offset=offsets,
+    )
 
 
 # --- models ------------------------------------------------------------------------------
@@ -167,6 +198,7 @@ def _chat_job(body: ChatCompletionRequest, service: ModelService) -> ChatJob:
         tools=[t.model_dump(exclude_none=True) for t in body.tools or []],
         tool_choice=choice if isinstance(choice, str) else choice.function.name,
         parallel_tool_calls=body.parallel_tool_calls is not False,
+        options=choice_options(body, service.settings),
     )
 
 
@@ -177,15 +209,23 @@ def _tool_call(call: ToolCall) -> replies.ToolCall:
 
 
 def _chat_completion(
-    reply: Reply, reply_id: str, created: int, model: str
+    answers: list[Reply], reply_id: str, created: int, model: str
 ) -> replies.ChatCompletion:
-    message = replies.AssistantMessage(
-        content=reply.content, tool_calls=[_tool_call(c) for c in reply.tool_calls] or None
-    )
-    # logprobs: the engine's per-token log probabilities go into ChatChoice.logprobs.
-    choice = replies.ChatChoice(index=0, message=message, finish_reason=reply.finish_reason)
+    choices = [
+        replies.ChatChoice(
+            index=index,
+            message=replies.AssistantMessage(
+                content=reply.content,
+                tool_calls=[_tool_call(c) for c in reply.tool_calls] or None,
+            ),
+            logprobs=_chat_logprobs(reply.logprobs),
+            finish_reason=reply.finish_reason,
+        )
+        for index, reply in enumerate(answers)
+    ]
+    usage = choices_usage([reply.usage for reply in answers])
     return replies.ChatCompletion(
-        id=reply_id, created=created, model=model, choices=[choice], usage=_usage(reply.usage)
+        id=reply_id, created=created, model=model, choices=choices, usage=_usage(usage)
     )
 
 
@@ -205,24 +245,30 @@ def _call_deltas(index: int, call: ToolCall) -> list[replies.ChatDelta]:
 
 
 async def _chat_events(
-    pieces: AsyncIterator[str | ToolCall | Reply],
+    pieces: AsyncIterator[tuple[int, Text | ToolCall | Reply]],
+    n: int,
     chunk: Any,
     include_usage: bool,
 ) -> AsyncIterator[dict[str, Any]]:
-    """OpenAI's chunks: the role, text or tool-call deltas, the finish, usage, ``[DONE]``."""
-    yield {"data": chunk(replies.ChatDelta(role="assistant", content=""))}
-    calls = 0
-    async for piece in pieces:
-        if isinstance(piece, str):
-            yield {"data": chunk(replies.ChatDelta(content=piece))}
+    """OpenAI's chunks: each choice's role, its text or tool-call deltas and its finish; then
+    usage (all choices), ``[DONE]``."""
+    for index in range(n):
+        yield {"data": chunk(index, replies.ChatDelta(role="assistant", content=""))}
+    calls = [0] * n
+    usages = [Usage()] * n
+    async for index, piece in pieces:
+        if isinstance(piece, Text):
+            delta = replies.ChatDelta(content=piece)
+            yield {"data": chunk(index, delta, logprobs=_chat_logprobs(piece.logprobs))}
         elif isinstance(piece, ToolCall):
-            for delta in _call_deltas(calls, piece):
-                yield {"data": chunk(delta)}
-            calls += 1
+            for delta in _call_deltas(calls[index], piece):
+                yield {"data": chunk(index, delta)}
+            calls[index] += 1
         else:
-            yield {"data": chunk(replies.ChatDelta(), piece.finish_reason)}
-            if include_usage:
-                yield {"data": chunk(None, usage=_usage(piece.usage))}
+            usages[index] = piece.usage
+            yield {"data": chunk(index, replies.ChatDelta(), finish=piece.finish_reason)}
+    if include_usage:
+        yield {"data": chunk(None, None, usage=_usage(choices_usage(usages)))}
     yield {"data": "[DONE]"}
 
 
@@ -232,35 +278,45 @@ async def _chat_events(
     responses={**_REPLY, **_GENERATION_ERRORS},
 )
 async def chat_completions(body: ChatCompletionRequest, request: Request):
-    """A chat reply (text, JSON held by a schema, or tool calls), whole or streamed as
-    server-sent events in OpenAI's chunk format."""
+    """A chat reply (text, JSON held by a schema, or tool calls; ``n`` choices, with
+    logprobs if asked), whole or streamed as server-sent events in OpenAI's chunk format."""
     service, metrics = _service(request), _metrics(request)
     service.check_chat_model(body.model)
-    _refuse_unsupported(body)
     job = _chat_job(body, service)
-    generation = await start_chat(service, job)
+    generations = await start_choices(service, job)
     reply_id, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     if not body.stream:
-        reply = await unless_client_leaves(
-            request, read_reply(generation, job, Timed(metrics)), metrics
+        answers = await unless_client_leaves(
+            request, read_replies(generations, job, metrics), metrics
         )
-        if reply is None:
+        if answers is None:
             return Response(status_code=CLIENT_CLOSED)
-        return _chat_completion(reply, reply_id, created, service.model_id)
+        return _chat_completion(answers, reply_id, created, service.model_id)
 
-    def chunk(delta: replies.ChatDelta | None, finish: str | None = None, **extra: Any) -> str:
+    def chunk(
+        index: int | None,
+        delta: replies.ChatDelta | None,
+        finish: str | None = None,
+        logprobs: replies.ChoiceLogprobs | None = None,
+        **extra: Any,
+    ) -> str:
         choices = (
             []
             if delta is None
-            else [replies.ChunkChoice(index=0, delta=delta, finish_reason=finish)]
+            else [
+                replies.ChunkChoice(
+                    index=index, delta=delta, logprobs=logprobs, finish_reason=finish
+                )
+            ]
         )
         return replies.ChatCompletionChunk(
             id=reply_id, created=created, model=service.model_id, choices=choices, **extra
         ).model_dump_json(exclude_none=delta is not None)
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    pieces = stream_reply(generation, job, Timed(metrics))
-    return event_stream(_chat_events(pieces, chunk, include_usage), generation, metrics)
+    pieces = stream_choices(generations, job, metrics)
+    events = _chat_events(pieces, len(generations), chunk, include_usage)
+    return event_stream(events, generations, metrics)
 
 
 # --- text completions ------------------------------------------------------------------------
@@ -270,10 +326,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     "/completions", response_model=replies.Completion, responses={**_REPLY, **_GENERATION_ERRORS}
 )
 async def completions(body: CompletionRequest, request: Request):
-    """Raw text continuation (no chat template), whole or streamed."""
+    """Raw text continuation (no chat template), whole or streamed; ``n`` choices per
+    prompt (choice ``i`` of prompt ``p`` has index ``p * n + i``), logprobs if asked."""
     service, metrics = _service(request), _metrics(request)
     service.check_chat_model(body.model)
-    _refuse_unsupported(body)
     if body.echo:
         raise APIError(400, "echo is not supported by this server.", param="echo")
     if body.suffix:
@@ -282,17 +338,9 @@ async def completions(body: CompletionRequest, request: Request):
     if body.stream and len(prompts) > 1:
         raise APIError(400, "Streaming takes one prompt at a time.", param="prompt")
     params = sampling_params(body, service.settings)
-    for prompt in prompts:
-        ids = await run_in_threadpool(service.prompt_ids, prompt=prompt)
-        service.check_limits(len(ids), params.max_tokens, "prompt")
-    generations = []
-    try:
-        for prompt in prompts:
-            generations.append(await service.submit(prompt=prompt, params=params))
-    except APIError:
-        for generation in generations:
-            generation.cancel()
-        raise
+    options = choice_options(body, service.settings)
+    groups = await start_completions(service, prompts, params, options)
+    generations = [g for group in groups for g in group]
     reply_id, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
     def envelope(choices: list[replies.CompletionChoice], **extra: Any) -> replies.Completion:
@@ -301,44 +349,59 @@ async def completions(body: CompletionRequest, request: Request):
         )
 
     if not body.stream:
-        results = await unless_client_leaves(
-            request, asyncio.gather(*(collect(g, Timed(metrics)) for g in generations)), metrics
+        answers = await unless_client_leaves(
+            request, read_replies(generations, None, metrics), metrics
         )
-        if results is None:
+        if answers is None:
             return Response(status_code=CLIENT_CLOSED)
-        total = Usage()
-        for _, last in results:
-            if last.usage:
-                total.prompt_tokens += last.usage.prompt_tokens
-                total.completion_tokens += last.usage.completion_tokens
-                total.cached_tokens += last.usage.cached_tokens
+        n = options.n
+        usage = add_usage(
+            [
+                choices_usage([a.usage for a in answers[p : p + n]])
+                for p in range(0, len(answers), n)
+            ]
+        )
         choices = [
             replies.CompletionChoice(
-                index=i, text=text, finish_reason=finish_reason(last.finish_reason)
+                index=index,
+                text=answer.content or "",
+                logprobs=_completion_logprobs(answer.logprobs),
+                finish_reason=answer.finish_reason,
             )
-            for i, (text, last) in enumerate(results)
+            for index, answer in enumerate(answers)
         ]
-        return envelope(choices, usage=_usage(total))
+        return envelope(choices, usage=_usage(usage))
 
-    generation = generations[0]
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
     def event(choices: list[replies.CompletionChoice], **extra: Any) -> dict[str, str]:
         return {"data": envelope(choices, **extra).model_dump_json()}
 
     async def events() -> AsyncIterator[dict[str, Any]]:
-        async for piece in stream_reply(generation, None, Timed(metrics)):
-            if isinstance(piece, str):
-                yield event([replies.CompletionChoice(index=0, text=piece, finish_reason=None)])
-            elif isinstance(piece, Reply):
-                yield event(
-                    [replies.CompletionChoice(index=0, text="", finish_reason=piece.finish_reason)]
+        offsets = [0] * len(generations)
+        usages = [Usage()] * len(generations)
+        async for index, piece in stream_choices(generations, None, metrics):
+            if isinstance(piece, Text):
+                logprobs = _completion_logprobs(piece.logprobs, offsets[index])
+                offsets[index] += len(piece)
+                choice = replies.CompletionChoice(
+                    index=index, text=piece, logprobs=logprobs, finish_reason=None
                 )
-                if include_usage:
-                    yield event([], usage=_usage(piece.usage))
+                yield event([choice])
+            elif isinstance(piece, Reply):
+                usages[index] = piece.usage
+                yield event(
+                    [
+                        replies.CompletionChoice(
+                            index=index, text="", finish_reason=piece.finish_reason
+                        )
+                    ]
+                )
+        if include_usage:
+            yield event([], usage=_usage(choices_usage(usages)))
         yield {"data": "[DONE]"}
 
-    return event_stream(events(), generation, metrics)
+    return event_stream(events(), generations, metrics)
 
 
 # --- embeddings ----------------------------------------------------------------------------------
