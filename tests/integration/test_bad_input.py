@@ -366,10 +366,48 @@ def _interrupt_when(command: list[str], ready: Callable[[str], bool], home: Path
     return process.returncode, "".join(seen) + out, err
 
 
+# Ctrl-C must land while the work is under way, however fast this machine is: the child
+# runs the real program with one function wrapped to wait for the signal at that point.
+_PAUSED = """
+import runpy, signal, sys
+{patch}
+def pause():
+    sys.stdout.flush()  # the test reads the line printed before this point
+    signal.pause()  # the test's SIGINT arrives here, as KeyboardInterrupt
+target, sys.argv = sys.argv[1], sys.argv[1:]
+run = runpy.run_module if target.startswith("llmlab.") else runpy.run_path
+run(target, run_name="__main__")
+"""
+_PAUSE_BEFORE_TENSORS = """
+import gguf
+real = gguf.GGUFWriter.write_tensors_to_file
+def write_tensors(self, *args, **kwargs):
+    pause()  # header written: the .partial file exists, half done
+    return real(self, *args, **kwargs)
+gguf.GGUFWriter.write_tensors_to_file = write_tensors
+"""
+_PAUSE_AFTER_FIRST_FILE = """
+from llmlab.rag import store
+real = store.DocumentStore.ingest
+def ingest(self, *args, progress=None, **kwargs):
+    def report(outcome):
+        progress(outcome)
+        if outcome.status == "added":
+            pause()  # one file stored whole, the others not started
+    return real(self, *args, progress=report, **kwargs)
+store.DocumentStore.ingest = ingest
+"""
+
+
+def _paused(patch: str, *command: str) -> list[str]:
+    """``python command...`` with ``patch`` applied first (it may call ``pause()``)."""
+    return [sys.executable, "-c", _PAUSED.format(patch=patch), *command]
+
+
 @pytest.mark.slow
 def test_ctrl_c_in_quantize_removes_the_half_written_file(lab_home):
     code, out, err = _interrupt_when(
-        [sys.executable, "-m", "llmlab.quantize", "q8_0"],
+        _paused(_PAUSE_BEFORE_TENSORS, "llmlab.quantize", "q8_0"),
         lambda line: line.startswith("writing"),  # the .partial is being written now
         lab_home,
     )
@@ -385,7 +423,9 @@ def test_ctrl_c_in_ingest_keeps_each_finished_file_whole(lab_home, tmp_path):
 
     script = [sys.executable, str(ROOT / "part3" / "document_qa.py")]
     code, out, err = _interrupt_when(
-        [*script, "ingest", str(DOCS)], lambda line: line.startswith("added"), lab_home
+        _paused(_PAUSE_AFTER_FIRST_FILE, *script[1:], "ingest", str(DOCS)),
+        lambda line: line.startswith("added"),
+        lab_home,
     )
     assert code == 130, out + err
     assert "Traceback" not in out + err
