@@ -354,7 +354,15 @@ def _interrupt_when(command: list[str], ready: Callable[[str], bool], home: Path
     (exit code, stdout, stderr)."""
     env = {**os.environ, "LLMLAB_HOME": str(home), "PYTHONPATH": str(ROOT)}
     process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        # As from a terminal: Ctrl-C's default action, even if a test before this one left
+        # SIGINT ignored in pytest's process (a child inherits an ignored signal).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     seen = []
     for line in process.stdout:
