@@ -11,10 +11,6 @@ import math
 import httpx
 import openai
 import pytest
-from openai import OpenAI
-
-from part5.combined_app import ServerSettings
-from part5.combined_app.background import running_server
 
 # threads=1: these tests check behaviour, not speed, and one llama.cpp thread never stalls
 # waiting for a second one when other work shares the CPU (many threads can be 20x slower then).
@@ -22,20 +18,6 @@ from part5.combined_app.background import running_server
 pytestmark = pytest.mark.slow
 
 HELLO = [{"role": "user", "content": "Name three colours."}]
-
-
-@pytest.fixture(scope="module")
-def base_url(tmp_path_factory):
-    settings = ServerSettings(
-        threads=1, home=tmp_path_factory.mktemp("home"), parallel=2, max_tokens_limit=512
-    )
-    with running_server(settings) as url:
-        yield url
-
-
-@pytest.fixture
-def client(base_url):
-    return OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=120)
 
 
 def test_models_lists_the_served_chat_model_and_the_embedding_model(client):

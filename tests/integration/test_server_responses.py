@@ -11,11 +11,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
-from openai import OpenAI
 from pydantic import BaseModel
-
-from part5.combined_app import ServerSettings
-from part5.combined_app.background import running_server
 
 pytestmark = pytest.mark.slow
 
@@ -35,20 +31,6 @@ WEATHER = {
 class Person(BaseModel):
     name: str
     age: int
-
-
-@pytest.fixture(scope="module")
-def base_url(tmp_path_factory):
-    settings = ServerSettings(
-        threads=1, home=tmp_path_factory.mktemp("home"), parallel=2, max_tokens_limit=512
-    )
-    with running_server(settings) as url:
-        yield url
-
-
-@pytest.fixture
-def client(base_url):
-    return OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=180)
 
 
 def test_a_text_input_gives_a_message_and_output_text(client):
