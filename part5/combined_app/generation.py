@@ -498,6 +498,12 @@ async def _guarded(
             generation.cancel()
 
 
+def streamed_reply_doc(events: str) -> dict[int, Any]:
+    """OpenAPI ``responses`` entry for a route that answers JSON, or server-sent ``events``
+    when the request asks for ``stream``."""
+    return {200: {"content": {"text/event-stream": {"schema": {"description": events}}}}}
+
+
 def event_stream(
     events: AsyncIterator[dict[str, Any]],
     generation: Generation | list[Generation],

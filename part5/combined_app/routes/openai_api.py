@@ -44,6 +44,7 @@ from part5.combined_app.generation import (
     start_choices,
     start_completions,
     stream_choices,
+    streamed_reply_doc,
     unless_client_leaves,
 )
 from part5.combined_app.metrics import Metrics
@@ -59,16 +60,7 @@ from part5.combined_app.service import ModelService
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"], route_class=TextRoute)
 
-# A reply is JSON, or server-sent events when the request asks for ``stream``.
-_REPLY = {
-    200: {
-        "content": {
-            "text/event-stream": {
-                "schema": {"description": "Events: OpenAI's JSON chunks, then [DONE]."}
-            }
-        }
-    }
-}
+_REPLY = streamed_reply_doc("Events: OpenAI's JSON chunks, then [DONE].")
 _GENERATION_ERRORS = responses(400, 404, 500, 503)
 
 

@@ -43,6 +43,7 @@ from part5.combined_app.generation import (
     sampling_params,
     start_chat,
     stream_reply,
+    streamed_reply_doc,
     unless_client_leaves,
 )
 from part5.combined_app.schemas import (
@@ -56,15 +57,7 @@ from part5.combined_app.schemas import (
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"], route_class=TextRoute)
 
-_REPLY = {
-    200: {
-        "content": {
-            "text/event-stream": {
-                "schema": {"description": "Events: response.created ... response.completed."}
-            }
-        }
-    }
-}
+_REPLY = streamed_reply_doc("Events: response.created ... response.completed.")
 WHERE = Where(messages="input", schema="text.format.schema")
 
 
