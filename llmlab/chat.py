@@ -38,7 +38,6 @@ from llmlab.backends.base import (
     Timings,
     Usage,
 )
-from llmlab.backends.local import LocalBackend
 
 TRANSCRIPT_FORMAT = "llmlab-chat/1"
 # Template tokens around each message when the backend cannot render its chat template
@@ -225,21 +224,13 @@ class ChatSession:
         """
         history = self.messages if messages is None else messages
         head = [{"role": "system", "content": self.system}] if self.system else []
-        template = getattr(self.backend, "apply_chat_template", None)
-        if callable(template):
-            plain = head + [{"role": m["role"], "content": m["content"]} for m in history]
-            return self._count_prompt(template(plain, add_generation_prompt=True))
+        plain = head + [{"role": m["role"], "content": m["content"]} for m in history]
+        exact = self.backend.prompt_tokens(plain)
+        if exact is not None:
+            return exact
         counted = sum(m.get("tokens", 0) for m in history)
         system = self.count_tokens(self.system) if self.system else 0
         return system + counted + MESSAGE_OVERHEAD * (len(head) + len(history) + 1)
-
-    def _count_prompt(self, prompt: str) -> int:
-        # A rendered template holds control tokens (<|im_start|>...) that the engine parses
-        # as single tokens; count_tokens() treats text as plain and would count them as
-        # several, so local engines tokenize with special=True.
-        if isinstance(self.backend, LocalBackend):
-            return len(self.backend.tokenize(prompt, special=True))
-        return self.backend.count_tokens(prompt)
 
     @property
     def context_length(self) -> int:
@@ -462,7 +453,7 @@ class ChatSession:
         return {
             "format": TRANSCRIPT_FORMAT,
             "model": self.model,
-            "backend": getattr(self.backend, "name", None),
+            "backend": self.backend.name,
             "parameters": asdict(self.params),
             "created": self.created,
             "updated": _now(),
@@ -532,13 +523,8 @@ def _model_name(backend: Backend) -> str:
     try:
         info = backend.info()
     except Exception:  # a remote server may be down; the name is only a label
-        return getattr(backend, "name", "model")
-    return str(
-        info.get("model")
-        or info.get("ref")
-        or info.get("name")
-        or getattr(backend, "name", "model")
-    )
+        return backend.name
+    return str(info.get("model") or info.get("ref") or info.get("name") or backend.name)
 
 
 def _now() -> str:

@@ -265,15 +265,12 @@ class TransformersScorer:
 def as_scorer(model: Any, n_ctx: int = 512) -> Scorer:
     """The :class:`Scorer` for any of the things :func:`perplexity` accepts."""
     from llmlab import registry
-    from llmlab.backends.llamacpp import LlamaCppBackend
-    from llmlab.backends.transformers_backend import TransformersBackend
+    from llmlab.backends import Backend
 
     if hasattr(model, "logits") and hasattr(model, "tokenize"):
         return model
-    if isinstance(model, TransformersBackend):
-        return TransformersScorer(model)
-    if isinstance(model, LlamaCppBackend):
-        return LlamaCppScorer(model.spec.path, n_ctx, model.threads)
+    if isinstance(model, Backend):
+        return model.scorer(n_ctx)
     if isinstance(model, registry.ModelSpec):
         model = model.path or registry.resolve(model).path
     elif isinstance(model, str) and not Path(model).is_file():

@@ -251,6 +251,19 @@ class Backend(ABC):
     def context_length(self) -> int:
         """The context window in tokens that requests must fit in."""
 
+    def prompt_tokens(self, messages: list[Message]) -> int | None:
+        """Exact tokens of the chat prompt for ``messages`` (template and generation prompt
+        included), or None where only a server knows them (callers then estimate)."""
+        return None
+
+    def scorer(self, n_ctx: int = 512) -> Any:
+        """An object with ``tokenize(text)`` and ``logits(ids)`` (every position's scores),
+        for :mod:`llmlab.perplexity`."""
+        raise BackendError(
+            f"The {self.name} backend cannot score text: perplexity needs the logits of every "
+            "position. Use a local model (a GGUF file or a transformers checkpoint)."
+        )
+
     def stream_complete(self, prompt: str, **params: Any) -> Iterator[Chunk]:
         """Streaming :meth:`complete`. The default yields the whole result as one chunk."""
         result = self.complete(prompt, **params)

@@ -264,6 +264,12 @@ class LlamaCppBackend(LocalBackend):
         finally:
             stream.close()
 
+    def scorer(self, n_ctx: int = 512) -> Any:
+        from llmlab.perplexity import LlamaCppScorer
+
+        # Perplexity needs every position's logits, so the file gets a context of its own.
+        return LlamaCppScorer(self.spec.path, n_ctx, self.threads)
+
     def info(self) -> dict[str, Any]:
         data: dict[str, Any] = {
             "backend": self.name,

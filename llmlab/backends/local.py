@@ -212,6 +212,11 @@ class LocalBackend(Backend):
     def count_tokens(self, text: str) -> int:
         return len(self.tokenize(text))
 
+    def prompt_tokens(self, messages: list[Message]) -> int:
+        # The rendered template holds control tokens (<|im_start|>...) that the model reads
+        # as single tokens, so it is tokenized with special=True.
+        return len(self.tokenize(self.apply_chat_template(messages), special=True))
+
     # --- requests -----------------------------------------------------------------
 
     def complete(self, prompt: str, **params: Any) -> Result:

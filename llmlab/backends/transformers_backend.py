@@ -378,6 +378,11 @@ class TransformersBackend(LocalBackend):
             if grammar:
                 processor.free()
 
+    def scorer(self, n_ctx: int = 512) -> Any:
+        from llmlab.perplexity import TransformersScorer
+
+        return TransformersScorer(self)
+
     def info(self) -> dict[str, Any]:
         """The usual keys, plus ``checkpoint`` (the cache folder for a GGUF file) and
         ``loaded_from``: ``gguf`` (converted on this load), ``cache`` or ``folder``."""

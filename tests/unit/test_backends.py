@@ -238,3 +238,11 @@ def test_transformers_cache_failed_write_leaves_the_old_folder_and_no_partial(so
         hf_checkpoint.write(folder, source, None, broken)
     assert hf_checkpoint.is_current(folder, source)
     assert sorted(p.name for p in folder.parent.iterdir()) == ["hf-checkpoint"]
+
+
+def test_a_backend_without_every_positions_logits_says_it_cannot_score_text():
+    from llmlab.backends.remote import RemoteBackend
+    from llmlab.perplexity import as_scorer
+
+    with pytest.raises(backends.BackendError, match="cannot score text.*Use a local model"):
+        as_scorer(RemoteBackend(base_url="http://127.0.0.1:9/v1", model="m"))

@@ -46,10 +46,8 @@ class FakeBackend(Backend):
         self.requests: list[tuple[list[Message], dict[str, Any]]] = []
         self.closed_streams = 0
 
-    def apply_chat_template(
-        self, messages: list[Message], add_generation_prompt: bool = True
-    ) -> str:
-        return self._render(messages, add_generation_prompt)
+    def prompt_tokens(self, messages: list[Message]) -> int:
+        return self.count_tokens(self._render(messages))
 
     def _render(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
         text = " ".join(f"<{m['role']}> {m['content']}" for m in messages)
@@ -99,7 +97,8 @@ class FakeBackend(Backend):
 class RemoteLikeBackend(FakeBackend):
     """Like a remote server: no chat template the session can render."""
 
-    apply_chat_template = None  # type: ignore[assignment]
+    def prompt_tokens(self, messages: list[Message]) -> None:
+        return None
 
 
 def test_send_records_the_exchange_with_token_counts_and_figures():
