@@ -25,6 +25,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
+from part5.combined_app.cache import ResponseCache
 from part5.combined_app.config import ServerSettings
 from part5.combined_app.errors import install_handlers
 from part5.combined_app.metrics import Metrics
@@ -83,6 +84,10 @@ def create_app(
     app.state.settings = settings
     app.state.service = service
     app.state.metrics = Metrics(queue_depth=service.queue_depth, busy_slots=service.busy_slots)
+    app.state.cache = ResponseCache(
+        settings.cache_entries, settings.cache_ttl, settings.cache_bytes
+    )
+    app.state.metrics.watch_cache(app.state.cache)
     service.on_rejected = app.state.metrics.rejected.inc
     service.on_engine_failure = app.state.metrics.engine_failures.inc
     if on_fatal is not None:

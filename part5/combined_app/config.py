@@ -51,6 +51,11 @@ class ServerSettings(BaseSettings):
         description="LoRA adapters loaded on the model, NAME -> GGUF path (JSON in the variable); "
         "a request applies some by name.",
     )
+    cache_entries: int = Field(
+        0, ge=0, description="Deterministic replies kept to answer repeats (0: no cache)."
+    )
+    cache_ttl: float = Field(600.0, gt=0, description="Seconds a cached reply stays valid.")
+    cache_bytes: int = Field(32_000_000, ge=1, description="Most bytes of cached replies.")
     home: Path | None = Field(None, description="Lab home for uploads and batches (LLMLAB_HOME).")
 
     @property

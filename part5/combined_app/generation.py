@@ -508,9 +508,12 @@ def event_stream(
     events: AsyncIterator[dict[str, Any]],
     generation: Generation | list[Generation],
     metrics: Metrics,
+    headers: dict[str, str] | None = None,
 ) -> EventSourceResponse:
     """A server-sent event response of ``events`` (dicts with ``data``, maybe ``event``);
     ``generation`` (or each of a list) is cancelled when the stream ends or the client leaves."""
     generations = generation if isinstance(generation, list) else [generation]
     # A comment ping every 15 s keeps proxies from closing a stream that waits in the queue.
-    return EventSourceResponse(_guarded(events, generations, metrics), ping=15, sep="\n")
+    return EventSourceResponse(
+        _guarded(events, generations, metrics), ping=15, sep="\n", headers=headers
+    )

@@ -20,6 +20,8 @@ from prometheus_client import (
     generate_latest,
 )
 
+from part5.combined_app.cache import ResponseCache
+
 # Seconds: a tiny model answers in tens of milliseconds, a long reply on CPU takes a minute.
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -73,6 +75,23 @@ class Metrics:
         self.queue_depth.set_function(queue_depth)
         self.busy_slots = Gauge("llmlab_busy_slots", "Slots decoding a request now", registry=r)
         self.busy_slots.set_function(busy_slots)
+        self.cache_hits = Counter(
+            "llmlab_cache_hits", "Replies answered from the response cache", registry=r
+        )
+        self.cache_misses = Counter(
+            "llmlab_cache_misses", "Cacheable requests the cache could not answer", registry=r
+        )
+        self.cache_evictions = Counter(
+            "llmlab_cache_evictions", "Cached replies dropped to make room", registry=r
+        )
+        self.cache_entries = Gauge("llmlab_cache_entries", "Replies in the cache", registry=r)
+        self.cache_bytes = Gauge("llmlab_cache_bytes", "Bytes of replies in the cache", registry=r)
+
+    def watch_cache(self, cache: ResponseCache) -> None:
+        """Show ``cache``'s size in the gauges and count its evictions."""
+        self.cache_entries.set_function(lambda: len(cache))
+        self.cache_bytes.set_function(lambda: cache.bytes)
+        cache.on_evict = self.cache_evictions.inc
 
     def count_tokens(self, prompt: int, completion: int) -> None:
         """Add one finished generation's token counts."""

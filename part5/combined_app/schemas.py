@@ -332,6 +332,11 @@ class SamplingFields(Sampling):
     lora: list[LoraScale] | None = Field(
         None, description="LoRA adapters for this request, by their ids in GET /lora-adapters."
     )
+    cache: bool = Field(
+        True,
+        description="Lab extension: false keeps this request out of the response cache "
+        "(only deterministic requests use it, and only when the server has one).",
+    )
 
     def length_fields(self) -> list[tuple[str, int | None]]:
         return [("max_completion_tokens", self.max_completion_tokens), *super().length_fields()]

@@ -22,11 +22,14 @@ import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
+from pydantic import BaseModel
+from sse_starlette import EventSourceResponse
 
 from llmlab import registry
-from llmlab.backends.base import TokenLogprob, Usage
+from llmlab.backends.base import GenerationParams, TokenLogprob, Usage
 from llmlab.structured import ToolCall
 from part5.combined_app import replies
+from part5.combined_app.cache import ResponseCache, cache_key, deterministic
 from part5.combined_app.errors import APIError, responses
 from part5.combined_app.generation import (
     CLIENT_CLOSED,
@@ -70,6 +73,74 @@ def _service(request: Request) -> ModelService:
 
 def _metrics(request: Request) -> Metrics:
     return request.app.state.metrics
+
+
+# --- the response cache ------------------------------------------------------------------
+
+
+def _cache_slot(request: Request, body: Any, params: GenerationParams, **parts: Any) -> str | None:
+    """The cache key of a request that may be answered from the cache, or None: no cache,
+    a sampled request without a seed, or one that opted out (``cache: false`` in the body,
+    ``Cache-Control: no-cache`` or ``no-store``)."""
+    cache: ResponseCache = request.app.state.cache
+    control = request.headers.get("cache-control", "").lower()
+    if (
+        not cache.enabled
+        or not body.cache
+        or "no-cache" in control
+        or "no-store" in control
+        or not deterministic(params.temperature, params.seed)
+    ):
+        return None
+    model = _service(request).model_id
+    return cache_key({"model": model, "route": request.url.path, "params": params, **parts})
+
+
+def _from_cache(request: Request, key: str | None) -> Response | None:
+    """The cached reply for ``key`` exactly as first sent (JSON or the stream's events)."""
+    if key is None:
+        return None
+    stored = request.app.state.cache.get(key)
+    metrics = _metrics(request)
+    if stored is None:
+        metrics.cache_misses.inc()
+        return None
+    metrics.cache_hits.inc()
+    headers = {"X-Cache": "hit"}
+    if isinstance(stored, bytes):
+        return Response(stored, media_type="application/json", headers=headers)
+
+    async def replay() -> AsyncIterator[dict[str, str]]:
+        for data in stored:
+            yield {"data": data}
+
+    return EventSourceResponse(replay(), ping=15, sep="\n", headers=headers)
+
+
+def _json_reply(request: Request, key: str | None, reply: BaseModel) -> Response | BaseModel:
+    """``reply``, kept in the cache as the JSON sent under ``key`` (when there is one)."""
+    if key is None:
+        return reply
+    body = reply.model_dump_json().encode()
+    request.app.state.cache.put(key, body)
+    return Response(body, media_type="application/json", headers=_miss(key))
+
+
+def _miss(key: str | None) -> dict[str, str]:
+    return {"X-Cache": "miss"} if key is not None else {}
+
+
+async def _recorded(
+    request: Request, key: str | None, events: AsyncIterator[dict[str, Any]]
+) -> AsyncIterator[dict[str, Any]]:
+    """``events`` passed on; kept in the cache once the stream has ended normally (an error
+    or a client that leaves stops this generator before that)."""
+    seen = []
+    async for event in events:
+        seen.append(event)
+        yield event
+    if key is not None and all(event.keys() == {"data"} for event in seen):
+        request.app.state.cache.put(key, [event["data"] for event in seen])
 
 
 def _usage(usage: Usage | None) -> replies.CompletionUsage:
@@ -275,6 +346,18 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     service, metrics = _service(request), _metrics(request)
     service.check_chat_model(body.model)
     job = _chat_job(body, service)
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    key = _cache_slot(
+        request,
+        body,
+        job.params,
+        messages=job.messages,
+        grammar=job.grammar,
+        options=job.options,
+        stream=[body.stream, include_usage],
+    )
+    if (cached := _from_cache(request, key)) is not None:
+        return cached
     generations = await start_choices(service, job)
     reply_id, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     if not body.stream:
@@ -283,7 +366,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         )
         if answers is None:
             return Response(status_code=CLIENT_CLOSED)
-        return _chat_completion(answers, reply_id, created, service.model_id)
+        return _json_reply(
+            request, key, _chat_completion(answers, reply_id, created, service.model_id)
+        )
 
     def chunk(
         index: int | None,
@@ -305,10 +390,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
             id=reply_id, created=created, model=service.model_id, choices=choices, **extra
         ).model_dump_json(exclude_none=delta is not None)
 
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
     pieces = stream_choices(generations, job, metrics)
     events = _chat_events(pieces, len(generations), chunk, include_usage)
-    return event_stream(events, generations, metrics)
+    return event_stream(_recorded(request, key, events), generations, metrics, _miss(key))
 
 
 # --- text completions ------------------------------------------------------------------------
@@ -331,6 +415,12 @@ async def completions(body: CompletionRequest, request: Request):
         raise APIError(400, "Streaming takes one prompt at a time.", param="prompt")
     params = sampling_params(body, service.settings)
     options = choice_options(body, service.settings)
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    key = _cache_slot(
+        request, body, params, prompts=prompts, options=options, stream=[body.stream, include_usage]
+    )
+    if (cached := _from_cache(request, key)) is not None:
+        return cached
     groups = await start_completions(service, prompts, params, options)
     generations = [g for group in groups for g in group]
     reply_id, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
@@ -362,9 +452,7 @@ async def completions(body: CompletionRequest, request: Request):
             )
             for index, answer in enumerate(answers)
         ]
-        return envelope(choices, usage=_usage(usage))
-
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return _json_reply(request, key, envelope(choices, usage=_usage(usage)))
 
     def event(choices: list[replies.CompletionChoice], **extra: Any) -> dict[str, str]:
         return {"data": envelope(choices, **extra).model_dump_json()}
@@ -393,7 +481,7 @@ async def completions(body: CompletionRequest, request: Request):
             yield event([], usage=_usage(choices_usage(usages)))
         yield {"data": "[DONE]"}
 
-    return event_stream(events(), generations, metrics)
+    return event_stream(_recorded(request, key, events()), generations, metrics, _miss(key))
 
 
 # --- embeddings ----------------------------------------------------------------------------------

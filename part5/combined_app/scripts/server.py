@@ -77,6 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
         "(GET /lora-adapters lists them; default: none)",
     )
     parser.add_argument(
+        "--cache-entries",
+        type=int,
+        help="answer repeats of deterministic requests (temperature 0 or a seed) from a cache "
+        "of this many replies (default: 0, no cache)",
+    )
+    parser.add_argument(
+        "--cache-ttl", type=float, help="seconds a cached reply stays valid (default: 600)"
+    )
+    parser.add_argument(
         "--log-level",
         default="info",
         choices=["debug", "info", "warning", "error"],
