@@ -30,6 +30,7 @@ from part5.combined_app.config import ServerSettings
 from part5.combined_app.errors import install_handlers
 from part5.combined_app.metrics import Metrics
 from part5.combined_app.middleware import LabMiddleware
+from part5.combined_app.models import ModelPool, read_models_file
 from part5.combined_app.routes import (
     batches,
     documents,
@@ -51,6 +52,8 @@ def create_app(
 ) -> FastAPI:
     """A new app with its own model service, metrics and batch jobs (nothing loads until startup).
 
+    Raises ``RegistryError`` or ``ValueError`` for a model, alias or models file that is wrong.
+
     ``on_fatal(reason)`` is called if the engine fails and no new one can be loaded (the
     server script stops the process there); without it the app goes on answering 500s and
     ``/health`` shows the reason.
@@ -65,9 +68,12 @@ def create_app(
         loading = asyncio.get_running_loop().run_in_executor(None, service.load)
         loading.add_done_callback(_log_load_result(service))
         loading.add_done_callback(_resume_batches(jobs, service, settings.retry_after))
+        reaper = asyncio.create_task(app.state.models.reap_forever())
         try:
             yield
         finally:
+            reaper.cancel()
+            await app.state.models.close()
             batches.stop_jobs(jobs)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.shield(loading), timeout=60)
@@ -88,6 +94,9 @@ def create_app(
         settings.cache_entries, settings.cache_ttl, settings.cache_bytes
     )
     app.state.metrics.watch_cache(app.state.cache)
+    models_file = read_models_file(settings.models_file) if settings.models_file else None
+    app.state.models = ModelPool(settings, service, app.state.metrics, models_file)
+    app.state.models.check()
     service.on_rejected = app.state.metrics.rejected.inc
     service.on_engine_failure = app.state.metrics.engine_failures.inc
     if on_fatal is not None:

@@ -24,6 +24,22 @@ class ServerSettings(BaseSettings):
     host: str = Field("127.0.0.1", description="Interface to listen on (0.0.0.0: every one).")
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0: any free one).")
     model: str | None = Field(None, description="Chat model served (default: the lab's default).")
+    models: list[str] = Field(
+        default_factory=list,
+        description="More chat models served besides model, each loaded on first use.",
+    )
+    models_file: Path | None = Field(
+        None, description="YAML file with more models, aliases and the rules of model 'auto'."
+    )
+    aliases: dict[str, str] = Field(
+        default_factory=dict, description="Other names for served models, e.g. fast -> a model."
+    )
+    keep_alive: float = Field(
+        300.0, description="Seconds an extra model stays loaded when idle (negative: always)."
+    )
+    memory_budget: int | None = Field(
+        None, ge=1, description="Bytes the loaded models may take (default: 3/4 of the RAM)."
+    )
     embedding_model: str | None = Field(None, description="Embedding model (default: the lab's).")
     parallel: int = Field(4, ge=1, le=64, description="Sequences decoded together (engine slots).")
     n_ctx: int | None = Field(None, ge=128, description="Context window per sequence in tokens.")

@@ -87,6 +87,29 @@ class Metrics:
         self.cache_entries = Gauge("llmlab_cache_entries", "Replies in the cache", registry=r)
         self.cache_bytes = Gauge("llmlab_cache_bytes", "Bytes of replies in the cache", registry=r)
 
+        self.model_loads = Counter(
+            "llmlab_model_loads", "Models loaded on demand", ["model"], registry=r
+        )
+        self.model_unloads = Counter(
+            "llmlab_model_unloads",
+            "Models unloaded, by reason (idle, memory, shutdown)",
+            ["model", "reason"],
+            registry=r,
+        )
+        self.model_load_seconds = Counter(
+            "llmlab_model_load_seconds",
+            "Time spent loading models on demand",
+            ["model"],
+            registry=r,
+        )
+        self.routed = Counter(
+            "llmlab_routed_requests",
+            "Generation requests by the model that answered and how it was chosen "
+            "(default, name, alias, auto)",
+            ["model", "via"],
+            registry=r,
+        )
+
     def watch_cache(self, cache: ResponseCache) -> None:
         """Show ``cache``'s size in the gauges and count its evictions."""
         self.cache_entries.set_function(lambda: len(cache))

@@ -332,6 +332,11 @@ class SamplingFields(Sampling):
     lora: list[LoraScale] | None = Field(
         None, description="LoRA adapters for this request, by their ids in GET /lora-adapters."
     )
+    keep_alive: float | str | None = Field(
+        None,
+        description="Ollama's keep_alive for a model loaded on demand: seconds or '5m'; 0 "
+        "unloads it once this reply is done, -1 keeps it (default: the server's --keep-alive).",
+    )
     cache: bool = Field(
         True,
         description="Lab extension: false keeps this request out of the response cache "

@@ -113,6 +113,7 @@ class ModelService:
         self.error: str | None = None
         self.spec: registry.ModelSpec | None = None
         self.engine: Engine | None = None
+        self.require_chat = True  # extra models of a multi-model server may be completion-only
         self._stopping = threading.Event()
         self._recovery: threading.Thread | None = None
         self.on_rejected: Callable[[], Any] = lambda: None  # the app counts 503s here
@@ -125,7 +126,7 @@ class ModelService:
         """Resolve and load the chat model into a new engine (blocking; seconds)."""
         try:
             self.spec = registry.resolve(self.settings.model)
-            if "chat" not in self.spec.capabilities:
+            if self.require_chat and "chat" not in self.spec.capabilities:
                 raise registry.RegistryError(
                     f"{self.spec.ref} is not a chat model (capabilities: "
                     f"{', '.join(self.spec.capabilities)}). Serve a chat model with --model."

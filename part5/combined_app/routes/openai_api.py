@@ -51,6 +51,7 @@ from part5.combined_app.generation import (
     unless_client_leaves,
 )
 from part5.combined_app.metrics import Metrics
+from part5.combined_app.models import Hints, ModelPool
 from part5.combined_app.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -92,11 +93,10 @@ def _cache_slot(request: Request, body: Any, params: GenerationParams, **parts: 
         or not deterministic(params.temperature, params.seed)
     ):
         return None
-    model = _service(request).model_id
-    return cache_key({"model": model, "route": request.url.path, "params": params, **parts})
+    return cache_key({"route": request.url.path, "params": params, **parts})
 
 
-def _from_cache(request: Request, key: str | None) -> Response | None:
+def _from_cache(request: Request, key: str | None, model: str) -> Response | None:
     """The cached reply for ``key`` exactly as first sent (JSON or the stream's events)."""
     if key is None:
         return None
@@ -106,7 +106,8 @@ def _from_cache(request: Request, key: str | None) -> Response | None:
         metrics.cache_misses.inc()
         return None
     metrics.cache_hits.inc()
-    headers = {"X-Cache": "hit"}
+    metrics.routed.labels(model=model, via="cache").inc()
+    headers = {"X-Cache": "hit", "X-Model": model}
     if isinstance(stored, bytes):
         return Response(stored, media_type="application/json", headers=headers)
 
@@ -117,17 +118,33 @@ def _from_cache(request: Request, key: str | None) -> Response | None:
     return EventSourceResponse(replay(), ping=15, sep="\n", headers=headers)
 
 
-def _json_reply(request: Request, key: str | None, reply: BaseModel) -> Response | BaseModel:
-    """``reply``, kept in the cache as the JSON sent under ``key`` (when there is one)."""
-    if key is None:
-        return reply
+def _json_reply(request: Request, key: str | None, reply: BaseModel, model: str) -> Response:
+    """``reply`` as JSON, kept in the cache under ``key`` (when there is one); the
+    ``X-Model`` header names the model that answered."""
     body = reply.model_dump_json().encode()
-    request.app.state.cache.put(key, body)
-    return Response(body, media_type="application/json", headers=_miss(key))
+    if key is not None:
+        request.app.state.cache.put(key, body)
+    return Response(body, media_type="application/json", headers=_reply_headers(key, model))
 
 
-def _miss(key: str | None) -> dict[str, str]:
-    return {"X-Cache": "miss"} if key is not None else {}
+def _reply_headers(key: str | None, model: str) -> dict[str, str]:
+    return {"X-Model": model, **({"X-Cache": "miss"} if key is not None else {})}
+
+
+def _pool(request: Request) -> ModelPool:
+    return request.app.state.models
+
+
+def _chat_hints(body: ChatCompletionRequest) -> Hints:
+    """What the ``auto`` rules look at: prompt length, JSON or tools asked for, the text."""
+    texts = [m.content for m in body.messages if isinstance(m.content, str)]
+    users = [m.content for m in body.messages if m.role == "user" and isinstance(m.content, str)]
+    return Hints(
+        prompt_chars=sum(map(len, texts)),
+        json_output=body.response_format is not None and body.response_format.type != "text",
+        tools=bool(body.tools) and body.tool_choice != "none",
+        text=users[-1] if users else "",
+    )
 
 
 async def _recorded(
@@ -195,19 +212,27 @@ def _completion_logprobs(
 # --- models ------------------------------------------------------------------------------
 
 
-def _model_entries(service: ModelService) -> list[dict[str, Any]]:
+def _model_entries(service: ModelService, pool: ModelPool) -> list[dict[str, Any]]:
     created = int(time.time())
     entries = [
         {
-            "id": service.model_id,
+            "id": model["id"],
             "object": "model",
             "created": created,
             "owned_by": "llmlab",
-            "capabilities": ["chat", "completion"],
-            "ref": service.spec.ref if service.spec else None,
-            "context_length": service.engine.n_ctx if service.engine else None,
+            **model,
+            "context_length": service.engine.n_ctx
+            if service.engine and model["id"] == service.model_id
+            else None,
         }
+        for model in pool.describe()
     ]
+    entries += [
+        {"id": alias, "object": "model", "created": created, "owned_by": "llmlab", "alias_of": to}
+        for alias, to in sorted(pool.aliases.items())
+    ]
+    if pool.auto is not None:
+        entries.append({"id": "auto", "object": "model", "created": created, "owned_by": "llmlab"})
     try:
         spec = registry.find(service.embedding_model_id)
         entries.append(
@@ -227,15 +252,17 @@ def _model_entries(service: ModelService) -> list[dict[str, Any]]:
 
 @router.get("/models")
 async def list_models(request: Request) -> dict[str, Any]:
-    """The chat model this server serves and its embedding model."""
-    return {"object": "list", "data": _model_entries(_service(request))}
+    """The models this server serves: each chat model (``loaded`` or loaded on first use,
+    its memory estimate and aliases), the aliases, ``auto`` if rules are set, and the
+    embedding model."""
+    return {"object": "list", "data": _model_entries(_service(request), _pool(request))}
 
 
 @router.get("/models/{model_id:path}", responses=responses(404))
 async def get_model(model_id: str, request: Request) -> dict[str, Any]:
     """One served model by id (or ``name:tag``)."""
-    for entry in _model_entries(_service(request)):
-        if model_id in (entry["id"], entry["ref"]):
+    for entry in _model_entries(_service(request), _pool(request)):
+        if model_id in (entry["id"], entry.get("ref")):
             return entry
     raise APIError(
         404,
@@ -343,22 +370,26 @@ async def _chat_events(
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     """A chat reply (text, JSON held by a schema, or tool calls; ``n`` choices, with
     logprobs if asked), whole or streamed as server-sent events in OpenAI's chunk format."""
-    service, metrics = _service(request), _metrics(request)
-    service.check_chat_model(body.model)
-    job = _chat_job(body, service)
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    key = _cache_slot(
-        request,
-        body,
-        job.params,
-        messages=job.messages,
-        grammar=job.grammar,
-        options=job.options,
-        stream=[body.stream, include_usage],
-    )
-    if (cached := _from_cache(request, key)) is not None:
-        return cached
-    generations = await start_choices(service, job)
+    metrics, pool = _metrics(request), _pool(request)
+    name, via = pool.choose(body.model, _chat_hints(body))
+    pool.require_chat(name)
+    async with pool.use(name, body.keep_alive) as service:
+        job = _chat_job(body, service)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        key = _cache_slot(
+            request,
+            body,
+            job.params,
+            model=name,
+            messages=job.messages,
+            grammar=job.grammar,
+            options=job.options,
+            stream=[body.stream, include_usage],
+        )
+        if (cached := _from_cache(request, key, name)) is not None:
+            return cached
+        generations = await start_choices(service, job)
+    metrics.routed.labels(model=name, via=via).inc()
     reply_id, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     if not body.stream:
         answers = await unless_client_leaves(
@@ -366,9 +397,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         )
         if answers is None:
             return Response(status_code=CLIENT_CLOSED)
-        return _json_reply(
-            request, key, _chat_completion(answers, reply_id, created, service.model_id)
-        )
+        reply = _chat_completion(answers, reply_id, created, name)
+        return _json_reply(request, key, reply, name)
 
     def chunk(
         index: int | None,
@@ -387,12 +417,13 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
             ]
         )
         return replies.ChatCompletionChunk(
-            id=reply_id, created=created, model=service.model_id, choices=choices, **extra
+            id=reply_id, created=created, model=name, choices=choices, **extra
         ).model_dump_json(exclude_none=delta is not None)
 
     pieces = stream_choices(generations, job, metrics)
     events = _chat_events(pieces, len(generations), chunk, include_usage)
-    return event_stream(_recorded(request, key, events), generations, metrics, _miss(key))
+    headers = _reply_headers(key, name)
+    return event_stream(_recorded(request, key, events), generations, metrics, headers)
 
 
 # --- text completions ------------------------------------------------------------------------
@@ -404,8 +435,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
 async def completions(body: CompletionRequest, request: Request):
     """Raw text continuation (no chat template), whole or streamed; ``n`` choices per
     prompt (choice ``i`` of prompt ``p`` has index ``p * n + i``), logprobs if asked."""
-    service, metrics = _service(request), _metrics(request)
-    service.check_chat_model(body.model)
+    metrics, pool = _metrics(request), _pool(request)
     if body.echo:
         raise APIError(400, "echo is not supported by this server.", param="echo")
     if body.suffix:
@@ -413,21 +443,31 @@ async def completions(body: CompletionRequest, request: Request):
     prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
     if body.stream and len(prompts) > 1:
         raise APIError(400, "Streaming takes one prompt at a time.", param="prompt")
-    params = sampling_params(body, service.settings)
-    options = choice_options(body, service.settings)
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    key = _cache_slot(
-        request, body, params, prompts=prompts, options=options, stream=[body.stream, include_usage]
-    )
-    if (cached := _from_cache(request, key)) is not None:
-        return cached
-    groups = await start_completions(service, prompts, params, options)
+    hints = Hints(prompt_chars=sum(map(len, prompts)), text="\n".join(prompts))
+    name, via = pool.choose(body.model, hints)
+    async with pool.use(name, body.keep_alive) as service:
+        params = sampling_params(body, service.settings)
+        options = choice_options(body, service.settings)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        key = _cache_slot(
+            request,
+            body,
+            params,
+            model=name,
+            prompts=prompts,
+            options=options,
+            stream=[body.stream, include_usage],
+        )
+        if (cached := _from_cache(request, key, name)) is not None:
+            return cached
+        groups = await start_completions(service, prompts, params, options)
+    metrics.routed.labels(model=name, via=via).inc()
     generations = [g for group in groups for g in group]
     reply_id, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
     def envelope(choices: list[replies.CompletionChoice], **extra: Any) -> replies.Completion:
         return replies.Completion(
-            id=reply_id, created=created, model=service.model_id, choices=choices, **extra
+            id=reply_id, created=created, model=name, choices=choices, **extra
         )
 
     if not body.stream:
@@ -452,7 +492,7 @@ async def completions(body: CompletionRequest, request: Request):
             )
             for index, answer in enumerate(answers)
         ]
-        return _json_reply(request, key, envelope(choices, usage=_usage(usage)))
+        return _json_reply(request, key, envelope(choices, usage=_usage(usage)), name)
 
     def event(choices: list[replies.CompletionChoice], **extra: Any) -> dict[str, str]:
         return {"data": envelope(choices, **extra).model_dump_json()}
@@ -481,7 +521,8 @@ async def completions(body: CompletionRequest, request: Request):
             yield event([], usage=_usage(choices_usage(usages)))
         yield {"data": "[DONE]"}
 
-    return event_stream(_recorded(request, key, events()), generations, metrics, _miss(key))
+    headers = _reply_headers(key, name)
+    return event_stream(_recorded(request, key, events()), generations, metrics, headers)
 
 
 # --- embeddings ----------------------------------------------------------------------------------

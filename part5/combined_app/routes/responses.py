@@ -46,6 +46,7 @@ from part5.combined_app.generation import (
     streamed_reply_doc,
     unless_client_leaves,
 )
+from part5.combined_app.models import Hints
 from part5.combined_app.schemas import (
     FunctionCallInput,
     InputMessage,
@@ -318,8 +319,9 @@ async def _events(
 )
 async def create_response(body: ResponsesRequest, request: Request):
     """A model response (text, JSON held by a schema, or function calls), whole or streamed."""
-    service, metrics = request.app.state.service, request.app.state.metrics
-    service.check_chat_model(body.model)
+    metrics, pool = request.app.state.metrics, request.app.state.models
+    name, via = pool.choose(body.model, Hints(tools=bool(body.tools)))
+    pool.require_chat(name)
     if body.previous_response_id is not None:
         raise APIError(
             400,
@@ -327,8 +329,10 @@ async def create_response(body: ResponsesRequest, request: Request):
             "so far in input instead of previous_response_id.",
             param="previous_response_id",
         )
-    job = _job(body, service.settings)
-    generation = await start_chat(service, job, param="input")
+    async with pool.use(name, None) as service:
+        job = _job(body, service.settings)
+        generation = await start_chat(service, job, param="input")
+    metrics.routed.labels(model=name, via=via).inc()
     ids = _Ids()
     if not body.stream:
         reply = await unless_client_leaves(
@@ -336,7 +340,7 @@ async def create_response(body: ResponsesRequest, request: Request):
         )
         if reply is None:
             return Response(status_code=CLIENT_CLOSED)
-        return _response(body, ids, service.model_id, reply)
+        return _response(body, ids, name, reply)
     pieces = stream_reply(generation, job, Timed(metrics))
-    events = _events(body, ids, service.model_id, pieces, plain=not job.tools)
+    events = _events(body, ids, name, pieces, plain=not job.tools)
     return event_stream(events, generation, metrics)

@@ -50,7 +50,34 @@ def build_parser() -> argparse.ArgumentParser:
         "--host", help="interface to listen on (default: 127.0.0.1, this machine only)"
     )
     parser.add_argument("--port", type=int, help="TCP port (default: 8000)")
-    parser.add_argument("--model", help="chat model to serve (default: the lab's default model)")
+    parser.add_argument(
+        "--model",
+        action="append",
+        help="chat model to serve (default: the lab's default model); repeat to serve more: "
+        "the first is loaded at start, the others on first use",
+    )
+    parser.add_argument(
+        "--models-file",
+        help="YAML file with more models, aliases and the rules of model 'auto' "
+        "(see part5/combined_app/models.py)",
+    )
+    parser.add_argument(
+        "--alias",
+        action="append",
+        metavar="NAME=MODEL",
+        help="another name for a served model, e.g. --alias fast=smollm2-135m-instruct",
+    )
+    parser.add_argument(
+        "--keep-alive",
+        type=float,
+        help="seconds a model loaded on first use stays loaded when idle (default: 300; "
+        "-1: always)",
+    )
+    parser.add_argument(
+        "--memory-budget",
+        type=_size,
+        help="memory the loaded models may take, e.g. 2G or 512M (default: 3/4 of the RAM)",
+    )
     parser.add_argument("--parallel", type=int, help="requests decoded together (default: 4)")
     parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: none)")
     parser.add_argument(
@@ -94,15 +121,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _adapters(items: list[str]) -> dict[str, str] | None:
-    """``["NAME=PATH", ...]`` as ``{NAME: PATH}``; ``None`` if one is not of that form."""
-    adapters = {}
+def _size(text: str) -> int:
+    """``"2G"``, ``"512M"``, ``"300k"`` or plain bytes as a byte count."""
+    units = {"k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+    text = text.strip().lower().removesuffix("b").removesuffix("i")
+    try:
+        return int(float(text[:-1]) * units[text[-1]]) if text[-1:] in units else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 2G or 512M") from None
+
+
+def _pairs(items: list[str]) -> dict[str, str] | None:
+    """``["NAME=VALUE", ...]`` as ``{NAME: VALUE}``; ``None`` if one is not of that form."""
+    pairs = {}
     for item in items:
-        name, _, path = item.partition("=")
-        if not name.strip() or not path.strip():
+        name, _, value = item.partition("=")
+        if not name.strip() or not value.strip():
             return None
-        adapters[name.strip()] = os.path.expanduser(path.strip())
-    return adapters
+        pairs[name.strip()] = value.strip()
+    return pairs
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -127,14 +164,26 @@ def main(argv: list[str] | None = None) -> int:
     options = {
         k: v
         for k, v in vars(args).items()
-        if v is not None and k not in ("cors", "log_level", "lora")
+        if v is not None and k not in ("cors", "log_level", "lora", "model", "alias")
     }
+    if args.model:
+        options["model"], options["models"] = args.model[0], args.model[1:]
+    if args.alias:
+        options["aliases"] = _pairs(args.alias)
+        if options["aliases"] is None:
+            print(
+                "--alias takes NAME=MODEL, e.g. --alias fast=smollm2-135m-instruct", file=sys.stderr
+            )
+            return 2
     if args.cors:
         options["cors_origins"] = [
             o.strip() for item in args.cors for o in item.split(",") if o.strip()
         ]
     if args.lora:
-        options["lora"] = _adapters(args.lora)
+        adapters = _pairs(args.lora)
+        if adapters is not None:
+            adapters = {name: os.path.expanduser(path) for name, path in adapters.items()}
+        options["lora"] = adapters
         if options["lora"] is None:
             print(
                 "--lora takes NAME=PATH, e.g. --lora json-qa=runs/json-qa/json-qa.lora.gguf",
@@ -181,8 +230,13 @@ def main(argv: list[str] | None = None) -> int:
         fatal.append(reason)
         server.should_exit = True
 
+    try:
+        app = create_app(settings, on_fatal=stop)
+    except (registry.RegistryError, ValueError) as exc:
+        print(exc, file=sys.stderr)
+        return 2
     config = uvicorn.Config(
-        create_app(settings, on_fatal=stop),
+        app,
         host=settings.host,
         port=settings.port,
         log_level=args.log_level,
