@@ -1,0 +1,207 @@
+"""Picking the next token with llama.cpp's own sampler chain, one sampler per sequence::
+
+    from llmlab.sampling import SlotSampler
+    with SlotSampler(vocab, GenerationParams(temperature=0.7, seed=1)) as sampler:
+        token = sampler.sample(ctx, -1)   # from the logits of the last decoded token
+        sampler.accept(token)             # the repeat penalty and the grammar move on
+
+The chain is the one llama-cpp-python's ``Llama._init_sampler`` builds (and so the one the
+llama.cpp backend samples with), in llama.cpp's order (``common/sampling.cpp``)::
+
+    repeat penalty -> top-k -> top-p -> temperature -> draw (seeded)      temperature > 0
+    repeat penalty -> greedy (argmax)                                     temperature = 0
+
+So top-k and top-p cut on the model's own probabilities, before temperature reshapes what
+is left. With the same seed and settings a reply is token for token the one
+``backends.load(..., backend="llama.cpp")`` samples. The stages ``Llama`` adds that do
+nothing at the lab's settings (typical-p 1.0, min-p 0.0, which the backend passes, and
+frequency/presence penalties 0) are left out; they change neither the tokens nor the
+random draws.
+
+Two differences from ``Llama``, both where llama.cpp's server (``common_sampler``) does
+the same:
+
+- A grammar is not a link of the chain. Checking all ~49k tokens against a grammar costs
+  about half a decode step of SmolLM2-135M, so the sampler draws from the chain first and
+  asks the grammar about that one token; only if the grammar refuses it are the forbidden
+  tokens masked and a second draw made. Greedy picks the same token either way; sampled
+  replies are only the grammar's tokens but not always ``Llama``'s draws (its grammar
+  comes before top-k, so top-k/top-p cut among allowed tokens only, and a refused first
+  draw uses up one random number). ``grammar_first=True`` masks every step before the
+  chain, exactly as ``Llama`` does, at that cost.
+- ``sample`` does not accept the token: the caller checks it first (an end-of-generation
+  token ends the sequence) and calls :meth:`accept`, as llama.cpp's server does.
+  The repeat penalty counts accepted tokens only, the last :data:`PENALTY_LAST_N` of them
+  (``Llama``'s window); ``Llama`` never accepts the prompt's tokens, so neither does the
+  engine (llama.cpp's server does; ``accept`` them to get that).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Any
+
+import numpy as np
+
+from llmlab.backends.base import GenerationParams
+
+# llama.cpp's repeat-penalty window: llama-cpp-python's default ``last_n_tokens_size``.
+PENALTY_LAST_N = 64
+
+# llama.cpp's ``llama_token_data``: token id, its logit, its probability (12 bytes, packed).
+TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+
+
+class SlotSampler:
+    """llama.cpp's sampler chain for one sequence: see the module docstring.
+
+    Args:
+        vocab: the model's ``llama_vocab`` pointer (``llama_model_get_vocab``).
+        params: temperature, top_k, top_p, repeat_penalty and seed (``None``: a random seed).
+        grammar: GBNF text with a rule ``root``; only tokens it allows are sampled.
+        grammar_first: mask the vocabulary with the grammar before every draw, as
+            llama-cpp-python's ``Llama`` does (the same draws, slower), instead of only
+            when the grammar refuses the first draw.
+
+    Raises:
+        ValueError: llama.cpp could not parse ``grammar``.
+    """
+
+    def __init__(
+        self,
+        vocab: Any,
+        params: GenerationParams,
+        grammar: str | None = None,
+        *,
+        grammar_first: bool = False,
+    ):
+        import llama_cpp
+
+        self._ll = ll = llama_cpp
+        self.params = params
+        self.grammar_first = grammar_first
+        self._grammar = None
+        if grammar is not None:
+            self._grammar = ll.llama_sampler_init_grammar(vocab, grammar.encode(), b"root")
+            if not self._grammar:
+                raise ValueError(
+                    "llama.cpp could not parse the grammar (GBNF with a rule named 'root' "
+                    "is needed)"
+                )
+        n_vocab = ll.llama_vocab_n_tokens(vocab)
+        self._chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
+        for stage in self._stages(n_vocab, params):
+            ll.llama_sampler_chain_add(self._chain, stage)  # the chain owns and frees it
+        self._ids = np.arange(n_vocab, dtype=np.int32)
+        self._candidates = np.zeros(n_vocab, dtype=TOKEN_DATA)
+        self._array = self._token_array(self._candidates)
+        self._one = np.zeros(1, dtype=TOKEN_DATA)
+        self._one_array = self._token_array(self._one)
+
+    def _stages(self, n_vocab: int, params: GenerationParams) -> list[Any]:
+        """The chain's samplers in llama.cpp's order (``Llama._init_sampler``'s)."""
+        ll = self._ll
+        stages = []
+        if params.repeat_penalty != 1.0:
+            stages.append(
+                ll.llama_sampler_init_penalties(
+                    n_vocab, PENALTY_LAST_N, params.repeat_penalty, 0.0, 0.0
+                )
+            )
+        if params.temperature <= 0:
+            return [*stages, ll.llama_sampler_init_greedy()]
+        seed = ll.LLAMA_DEFAULT_SEED if params.seed is None else params.seed
+        return [
+            *stages,
+            ll.llama_sampler_init_top_k(params.top_k),  # 0 keeps every token
+            ll.llama_sampler_init_top_p(params.top_p, 1),  # 1.0 keeps every token
+            ll.llama_sampler_init_temp(params.temperature),
+            ll.llama_sampler_init_dist(seed),
+        ]
+
+    def _token_array(self, candidates: np.ndarray) -> Any:
+        return self._ll.llama_token_data_array(
+            data=candidates.ctypes.data_as(self._ll.llama_token_data_p),
+            size=len(candidates),
+            selected=-1,
+            sorted=False,
+        )
+
+    def _apply(self, sampler: Any, array: Any, size: int) -> None:
+        # A sampler may have marked the array selected, sorted or shorter last time.
+        array.size, array.selected, array.sorted = size, -1, False
+        self._ll.llama_sampler_apply(sampler, ctypes.byref(array))
+
+    # --- drawing -------------------------------------------------------------------
+
+    def sample(self, ctx: Any, index: int) -> int:
+        """The next token from the logits of output ``index`` of the last ``llama_decode``
+        on ``ctx`` (``-1``: the last one). Call :meth:`accept` with it if the sequence goes on."""
+        self._check_open()
+        row = self._ll.llama_get_logits_ith(ctx, index)
+        return self.sample_logits(np.ctypeslib.as_array(row, shape=(len(self._ids),)))
+
+    def sample_logits(self, logits: np.ndarray) -> int:
+        """The next token from one row of logits (the model's raw scores, one per token)."""
+        self._check_open()
+        grammar = self._grammar
+        token = self._draw(logits, grammar if self.grammar_first else None)
+        if grammar is not None and not self.grammar_first and not self._allows(token):
+            token = self._draw(logits, grammar)  # llama.cpp's server resamples the same way
+        return token
+
+    def _draw(self, logits: np.ndarray, grammar: Any) -> int:
+        """Run the chain over the whole vocabulary (masked by ``grammar`` first, if given)."""
+        candidates, array = self._candidates, self._array
+        candidates["id"] = self._ids  # the chain sorts the array in place: restore it
+        candidates["logit"] = logits
+        candidates["p"] = 0.0
+        if grammar is not None:
+            self._apply(grammar, array, len(candidates))
+            array.selected, array.sorted = -1, False
+            self._ll.llama_sampler_apply(self._chain, ctypes.byref(array))
+        else:
+            self._apply(self._chain, array, len(candidates))
+        return int(candidates["id"][array.selected])
+
+    def _allows(self, token: int) -> bool:
+        """Whether the grammar accepts ``token`` next (one candidate checked, not the vocabulary)."""
+        self._one[0] = (token, 0.0, 0.0)
+        self._apply(self._grammar, self._one_array, 1)
+        return bool(np.isfinite(self._one["logit"][0]))
+
+    # --- state ---------------------------------------------------------------------
+
+    def accept(self, token: int) -> None:
+        """Record ``token`` as the sequence's next one: the grammar moves past it and the
+        repeat penalty counts it."""
+        self._check_open()
+        if self._grammar is not None:
+            self._ll.llama_sampler_accept(self._grammar, token)
+        self._ll.llama_sampler_accept(self._chain, token)
+
+    def reset(self) -> None:
+        """Start over: the grammar at its first rule, no penalized tokens, the random draws
+        from the seed again (a seeded sampler then repeats its tokens)."""
+        self._check_open()
+        if self._grammar is not None:
+            self._ll.llama_sampler_reset(self._grammar)
+        self._ll.llama_sampler_reset(self._chain)
+
+    def free(self) -> None:
+        """Release llama.cpp's samplers (safe to call twice)."""
+        if self._grammar:
+            self._ll.llama_sampler_free(self._grammar)
+        if self._chain:
+            self._ll.llama_sampler_free(self._chain)
+        self._grammar = self._chain = None
+
+    def _check_open(self) -> None:
+        if not self._chain:
+            raise RuntimeError("this sampler was freed; make a new SlotSampler")
+
+    def __enter__(self) -> SlotSampler:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.free()
