@@ -1,9 +1,10 @@
 """Picking the next token with llama.cpp's own sampler chain, one sampler per sequence::
 
     from llmlab.sampling import SlotSampler
-    with SlotSampler(vocab, GenerationParams(temperature=0.7, seed=1)) as sampler:
+    with SlotSampler(GenerationParams(temperature=0.7, seed=1)) as sampler:
         token = sampler.sample(ctx, -1)   # from the logits of the last decoded token
-        sampler.accept(token)             # the repeat penalty and the grammar move on
+        sampler.accept(token)             # the repeat penalty (and a grammar) move on
+        sampler.sample_logits(logits)     # or from one row of logits (NumPy), no model needed
 
 The chain is the one llama-cpp-python's ``Llama._init_sampler`` builds (and so the one the
 llama.cpp backend samples with), in llama.cpp's order (``common/sampling.cpp``)::
@@ -56,23 +57,24 @@ class SlotSampler:
     """llama.cpp's sampler chain for one sequence: see the module docstring.
 
     Args:
-        vocab: the model's ``llama_vocab`` pointer (``llama_model_get_vocab``).
         params: temperature, top_k, top_p, repeat_penalty and seed (``None``: a random seed).
         grammar: GBNF text with a rule ``root``; only tokens it allows are sampled.
+        vocab: the model's ``llama_vocab`` pointer (``llama_model_get_vocab``); a grammar
+            needs it to know each token's text.
         grammar_first: mask the vocabulary with the grammar before every draw, as
             llama-cpp-python's ``Llama`` does (the same draws, slower), instead of only
             when the grammar refuses the first draw.
 
     Raises:
-        ValueError: llama.cpp could not parse ``grammar``.
+        ValueError: llama.cpp could not parse ``grammar``, or it came without ``vocab``.
     """
 
     def __init__(
         self,
-        vocab: Any,
         params: GenerationParams,
         grammar: str | None = None,
         *,
+        vocab: Any = None,
         grammar_first: bool = False,
     ):
         import llama_cpp
@@ -82,31 +84,30 @@ class SlotSampler:
         self.grammar_first = grammar_first
         self._grammar = None
         if grammar is not None:
+            if vocab is None:
+                raise ValueError("a grammar needs the model's vocab: SlotSampler(..., vocab=...)")
             self._grammar = ll.llama_sampler_init_grammar(vocab, grammar.encode(), b"root")
             if not self._grammar:
                 raise ValueError(
                     "llama.cpp could not parse the grammar (GBNF with a rule named 'root' "
                     "is needed)"
                 )
-        n_vocab = ll.llama_vocab_n_tokens(vocab)
         self._chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
-        for stage in self._stages(n_vocab, params):
+        for stage in self._stages(params):
             ll.llama_sampler_chain_add(self._chain, stage)  # the chain owns and frees it
-        self._ids = np.arange(n_vocab, dtype=np.int32)
-        self._candidates = np.zeros(n_vocab, dtype=TOKEN_DATA)
-        self._array = self._token_array(self._candidates)
+        self._size = 0  # vocabulary size, known from the first row of logits
         self._one = np.zeros(1, dtype=TOKEN_DATA)
         self._one_array = self._token_array(self._one)
 
-    def _stages(self, n_vocab: int, params: GenerationParams) -> list[Any]:
+    def _stages(self, params: GenerationParams) -> list[Any]:
         """The chain's samplers in llama.cpp's order (``Llama._init_sampler``'s)."""
         ll = self._ll
         stages = []
         if params.repeat_penalty != 1.0:
             stages.append(
-                ll.llama_sampler_init_penalties(
-                    n_vocab, PENALTY_LAST_N, params.repeat_penalty, 0.0, 0.0
-                )
+                # n_vocab (0 here) is read only when llama.cpp samples inside the graph;
+                # this chain always runs on the CPU (llama_sampler_apply).
+                ll.llama_sampler_init_penalties(0, PENALTY_LAST_N, params.repeat_penalty, 0.0, 0.0)
             )
         if params.temperature <= 0:
             return [*stages, ll.llama_sampler_init_greedy()]
@@ -138,8 +139,10 @@ class SlotSampler:
         """The next token from the logits of output ``index`` of the last ``llama_decode``
         on ``ctx`` (``-1``: the last one). Call :meth:`accept` with it if the sequence goes on."""
         self._check_open()
-        row = self._ll.llama_get_logits_ith(ctx, index)
-        return self.sample_logits(np.ctypeslib.as_array(row, shape=(len(self._ids),)))
+        ll = self._ll
+        n_vocab = ll.llama_vocab_n_tokens(ll.llama_model_get_vocab(ll.llama_get_model(ctx)))
+        row = ll.llama_get_logits_ith(ctx, index)
+        return self.sample_logits(np.ctypeslib.as_array(row, shape=(n_vocab,)))
 
     def sample_logits(self, logits: np.ndarray) -> int:
         """The next token from one row of logits (the model's raw scores, one per token)."""
@@ -152,6 +155,11 @@ class SlotSampler:
 
     def _draw(self, logits: np.ndarray, grammar: Any) -> int:
         """Run the chain over the whole vocabulary (masked by ``grammar`` first, if given)."""
+        if len(logits) != self._size:  # the first row (arrays reused: 49k tokens each step)
+            self._size = len(logits)
+            self._ids = np.arange(self._size, dtype=np.int32)
+            self._candidates = np.zeros(self._size, dtype=TOKEN_DATA)
+            self._array = self._token_array(self._candidates)
         candidates, array = self._candidates, self._array
         candidates["id"] = self._ids  # the chain sorts the array in place: restore it
         candidates["logit"] = logits

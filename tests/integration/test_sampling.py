@@ -91,7 +91,9 @@ def raw(backend):
 
 
 def sampler(raw: RawModel, grammar: str | None = None, grammar_first: bool = False, **params):
-    return SlotSampler(raw.vocab, GenerationParams(**params), grammar, grammar_first=grammar_first)
+    return SlotSampler(
+        GenerationParams(**params), grammar, vocab=raw.vocab, grammar_first=grammar_first
+    )
 
 
 def story_logits(raw: RawModel, backend) -> np.ndarray:
