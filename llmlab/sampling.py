@@ -35,6 +35,9 @@ the same:
   The repeat penalty counts accepted tokens only, the last :data:`PENALTY_LAST_N` of them
   (``Llama``'s window); ``Llama`` never accepts the prompt's tokens, so neither does the
   engine (llama.cpp's server does; ``accept`` them to get that).
+
+:class:`Grammar` is the grammar part on its own (``allows`` one token, ``constrain`` a
+row of logits); the transformers backend masks its logits with it.
 """
 
 from __future__ import annotations
@@ -51,6 +54,95 @@ PENALTY_LAST_N = 64
 
 # llama.cpp's ``llama_token_data``: token id, its logit, its probability (12 bytes, packed).
 TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+
+
+class TokenArray:
+    """llama.cpp's ``llama_token_data_array`` over a NumPy buffer, reused from step to step."""
+
+    def __init__(self, size: int):
+        import llama_cpp
+
+        self._ll = llama_cpp
+        self.ids = np.arange(size, dtype=np.int32)
+        self.candidates = np.zeros(size, dtype=TOKEN_DATA)
+        self.array = llama_cpp.llama_token_data_array(
+            data=self.candidates.ctypes.data_as(llama_cpp.llama_token_data_p),
+            size=size,
+            selected=-1,
+            sorted=False,
+        )
+
+    def fill(self, logits: np.ndarray | float, ids: np.ndarray | int | None = None) -> None:
+        """Every token (or ``ids``) with its logit, unsorted, nothing selected."""
+        self.candidates["id"] = self.ids if ids is None else ids  # samplers sort in place
+        self.candidates["logit"] = logits
+        self.candidates["p"] = 0.0
+        self.array.size, self.array.selected, self.array.sorted = len(self.ids), -1, False
+
+    def apply(self, sampler: Any) -> None:
+        """Run one llama.cpp sampler (or chain) over the array."""
+        self._ll.llama_sampler_apply(sampler, ctypes.byref(self.array))
+
+    @property
+    def selected(self) -> int:
+        """The token the last sampler picked."""
+        return int(self.candidates["id"][self.array.selected])
+
+
+class Grammar:
+    """llama.cpp's grammar sampler for one sequence: which tokens a GBNF grammar allows next.
+
+    Checking all ~49k tokens costs about half a decode step of SmolLM2-135M, so a sampler
+    asks :meth:`allows` about the one token it drew and masks the vocabulary
+    (:meth:`mask`, or :meth:`constrain` on a row of logits) only when it must.
+
+    Raises:
+        ValueError: llama.cpp could not parse ``gbnf``.
+    """
+
+    def __init__(self, vocab: Any, gbnf: str):
+        import llama_cpp
+
+        self._ll = llama_cpp
+        self._sampler = llama_cpp.llama_sampler_init_grammar(vocab, gbnf.encode(), b"root")
+        if not self._sampler:
+            raise ValueError(
+                "llama.cpp could not parse the grammar (GBNF with a rule named 'root' is needed)"
+            )
+        self._one = TokenArray(1)
+        self._all: TokenArray | None = None  # for constrain, sized by the first row
+
+    def allows(self, token: int) -> bool:
+        """Whether the grammar accepts ``token`` next (one candidate checked, not the vocabulary)."""
+        self._one.fill(0.0, ids=token)
+        self.mask(self._one)
+        return bool(np.isfinite(self._one.candidates["logit"][0]))
+
+    def mask(self, tokens: TokenArray) -> None:
+        """Set the logit of every token the grammar forbids here to -inf, in place."""
+        tokens.apply(self._sampler)
+
+    def constrain(self, logits: np.ndarray) -> np.ndarray:
+        """``logits`` with every token the grammar forbids here set to -inf (a new array)."""
+        if self._all is None or len(self._all.ids) != len(logits):
+            self._all = TokenArray(len(logits))
+        self._all.fill(logits)
+        self.mask(self._all)
+        return self._all.candidates["logit"].copy()
+
+    def accept(self, token: int) -> None:
+        """Advance the grammar past ``token``."""
+        self._ll.llama_sampler_accept(self._sampler, token)
+
+    def reset(self) -> None:
+        """Back to the grammar's first rule."""
+        self._ll.llama_sampler_reset(self._sampler)
+
+    def free(self) -> None:
+        """Release llama.cpp's sampler (safe to call twice)."""
+        if self._sampler:
+            self._ll.llama_sampler_free(self._sampler)
+            self._sampler = None
 
 
 class SlotSampler:
@@ -82,22 +174,15 @@ class SlotSampler:
         self._ll = ll = llama_cpp
         self.params = params
         self.grammar_first = grammar_first
-        self._grammar = None
+        self._grammar: Grammar | None = None
         if grammar is not None:
             if vocab is None:
                 raise ValueError("a grammar needs the model's vocab: SlotSampler(..., vocab=...)")
-            self._grammar = ll.llama_sampler_init_grammar(vocab, grammar.encode(), b"root")
-            if not self._grammar:
-                raise ValueError(
-                    "llama.cpp could not parse the grammar (GBNF with a rule named 'root' "
-                    "is needed)"
-                )
+            self._grammar = Grammar(vocab, grammar)
         self._chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
         for stage in self._stages(params):
             ll.llama_sampler_chain_add(self._chain, stage)  # the chain owns and frees it
-        self._size = 0  # vocabulary size, known from the first row of logits
-        self._one = np.zeros(1, dtype=TOKEN_DATA)
-        self._one_array = self._token_array(self._one)
+        self._tokens: TokenArray | None = None  # sized by the first row of logits
 
     def _stages(self, params: GenerationParams) -> list[Any]:
         """The chain's samplers in llama.cpp's order (``Llama._init_sampler``'s)."""
@@ -120,19 +205,6 @@ class SlotSampler:
             ll.llama_sampler_init_dist(seed),
         ]
 
-    def _token_array(self, candidates: np.ndarray) -> Any:
-        return self._ll.llama_token_data_array(
-            data=candidates.ctypes.data_as(self._ll.llama_token_data_p),
-            size=len(candidates),
-            selected=-1,
-            sorted=False,
-        )
-
-    def _apply(self, sampler: Any, array: Any, size: int) -> None:
-        # A sampler may have marked the array selected, sorted or shorter last time.
-        array.size, array.selected, array.sorted = size, -1, False
-        self._ll.llama_sampler_apply(sampler, ctypes.byref(array))
-
     # --- drawing -------------------------------------------------------------------
 
     def sample(self, ctx: Any, index: int) -> int:
@@ -149,34 +221,20 @@ class SlotSampler:
         self._check_open()
         grammar = self._grammar
         token = self._draw(logits, grammar if self.grammar_first else None)
-        if grammar is not None and not self.grammar_first and not self._allows(token):
+        if grammar is not None and not self.grammar_first and not grammar.allows(token):
             token = self._draw(logits, grammar)  # llama.cpp's server resamples the same way
         return token
 
-    def _draw(self, logits: np.ndarray, grammar: Any) -> int:
+    def _draw(self, logits: np.ndarray, grammar: Grammar | None) -> int:
         """Run the chain over the whole vocabulary (masked by ``grammar`` first, if given)."""
-        if len(logits) != self._size:  # the first row (arrays reused: 49k tokens each step)
-            self._size = len(logits)
-            self._ids = np.arange(self._size, dtype=np.int32)
-            self._candidates = np.zeros(self._size, dtype=TOKEN_DATA)
-            self._array = self._token_array(self._candidates)
-        candidates, array = self._candidates, self._array
-        candidates["id"] = self._ids  # the chain sorts the array in place: restore it
-        candidates["logit"] = logits
-        candidates["p"] = 0.0
+        if self._tokens is None or len(self._tokens.ids) != len(logits):
+            self._tokens = TokenArray(len(logits))  # reused: 49k tokens every step
+        tokens = self._tokens
+        tokens.fill(logits)
         if grammar is not None:
-            self._apply(grammar, array, len(candidates))
-            array.selected, array.sorted = -1, False
-            self._ll.llama_sampler_apply(self._chain, ctypes.byref(array))
-        else:
-            self._apply(self._chain, array, len(candidates))
-        return int(candidates["id"][array.selected])
-
-    def _allows(self, token: int) -> bool:
-        """Whether the grammar accepts ``token`` next (one candidate checked, not the vocabulary)."""
-        self._one[0] = (token, 0.0, 0.0)
-        self._apply(self._grammar, self._one_array, 1)
-        return bool(np.isfinite(self._one["logit"][0]))
+            grammar.mask(tokens)
+        tokens.apply(self._chain)
+        return tokens.selected
 
     # --- state ---------------------------------------------------------------------
 
@@ -185,7 +243,7 @@ class SlotSampler:
         repeat penalty counts it."""
         self._check_open()
         if self._grammar is not None:
-            self._ll.llama_sampler_accept(self._grammar, token)
+            self._grammar.accept(token)
         self._ll.llama_sampler_accept(self._chain, token)
 
     def reset(self) -> None:
@@ -193,13 +251,13 @@ class SlotSampler:
         from the seed again (a seeded sampler then repeats its tokens)."""
         self._check_open()
         if self._grammar is not None:
-            self._ll.llama_sampler_reset(self._grammar)
+            self._grammar.reset()
         self._ll.llama_sampler_reset(self._chain)
 
     def free(self) -> None:
         """Release llama.cpp's samplers (safe to call twice)."""
-        if self._grammar:
-            self._ll.llama_sampler_free(self._grammar)
+        if self._grammar is not None:
+            self._grammar.free()
         if self._chain:
             self._ll.llama_sampler_free(self._chain)
         self._grammar = self._chain = None

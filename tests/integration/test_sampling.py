@@ -13,7 +13,7 @@ import pytest
 
 from llmlab import backends, structured
 from llmlab.backends.base import GenerationParams
-from llmlab.sampling import SlotSampler
+from llmlab.sampling import Grammar, SlotSampler
 
 pytestmark = pytest.mark.slow
 
@@ -185,6 +185,20 @@ def test_a_grammar_restricts_the_tokens_to_what_it_allows(raw, backend, grammar_
     with sampler(raw, "root ::= [0-9]+", grammar_first, temperature=1.0, seed=4) as digits:
         text = backend.detokenize(raw.generate(prompt, digits, 8))
     assert text and text.isdigit(), text
+
+
+def test_a_grammar_masks_every_token_it_does_not_allow(raw, backend):
+    logits = story_logits(raw, backend)
+    grammar = Grammar(raw.vocab, "root ::= [0-9]+")
+    try:
+        masked = grammar.constrain(logits)
+        allowed = np.flatnonzero(np.isfinite(masked))
+        assert len(allowed) > 10 and np.array_equal(masked[allowed], logits[allowed])
+        assert all(backend.token_piece(int(t)).isdigit() for t in allowed)
+        assert grammar.allows(int(allowed[0])) and not grammar.allows(int(np.argmax(logits)))
+    finally:
+        grammar.free()
+        grammar.free()  # twice is harmless
 
 
 def test_a_grammar_that_does_not_parse_is_refused_and_a_freed_sampler_says_so(raw):
