@@ -193,7 +193,7 @@ def test_a_grammar_masks_every_token_it_does_not_allow(raw, backend):
     try:
         masked = grammar.constrain(logits)
         allowed = np.flatnonzero(np.isfinite(masked))
-        assert len(allowed) > 10 and np.array_equal(masked[allowed], logits[allowed])
+        assert len(allowed) >= 10 and np.array_equal(masked[allowed], logits[allowed])
         assert all(backend.token_piece(int(t)).isdigit() for t in allowed)
         assert grammar.allows(int(allowed[0])) and not grammar.allows(int(np.argmax(logits)))
     finally:
