@@ -13,7 +13,6 @@ trained on (for SmolLM2 that includes its default system prompt).
 
 from __future__ import annotations
 
-import codecs
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,6 +20,7 @@ import numpy as np
 
 from llmlab.backends.base import BackendError, GenerationParams, Message
 from llmlab.backends.local import LocalBackend, Step, wrap_load_error
+from llmlab.backends.text_stream import Utf8Decoder
 from llmlab.hardware import human_bytes
 from llmlab.registry import ModelSpec, RegistryError, read_gguf_info, spec_ram_estimate
 from llmlab.settings import Settings
@@ -235,7 +235,7 @@ class LlamaCppBackend(LocalBackend):
 
         if params.seed is not None:
             self._llm.set_seed(params.seed)
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        decoder = Utf8Decoder()
         tokens = 0
         stream = self._llm.generate(
             prompt_ids,
@@ -252,13 +252,13 @@ class LlamaCppBackend(LocalBackend):
                 return
             for token in stream:
                 if self._is_eog(token):
-                    yield Step(decoder.decode(b"", final=True), tokens, "stop")
+                    yield Step(decoder.flush(), tokens, "stop")
                     return
                 tokens += 1
                 # Pieces are bytes; a character split over two tokens waits for the second.
                 text = decoder.decode(self._llm.detokenize([token]))
                 if tokens >= params.max_tokens:
-                    yield Step(text + decoder.decode(b"", final=True), tokens, "length")
+                    yield Step(text + decoder.flush(), tokens, "length")
                     return
                 yield Step(text, tokens)
         finally:

@@ -35,6 +35,7 @@ from llmlab.backends.base import (
     Usage,
     collect,
 )
+from llmlab.backends.text_stream import StopMatcher
 from llmlab.registry import ModelSpec
 from llmlab.settings import Settings, get_settings
 
@@ -47,40 +48,6 @@ class Step:
     text: str
     tokens: int
     finish: str | None = None
-
-
-class StopMatcher:
-    """Cuts streamed text at the first stop string, holding back text that could be the
-    start of one so a stop string split over two tokens is never shown."""
-
-    def __init__(self, stops: list[str]):
-        self.stops = [s for s in stops if s]
-        self.buffer = ""
-
-    def feed(self, text: str) -> tuple[str, bool]:
-        """Add ``text``; return what is safe to show and whether a stop string was hit."""
-        self.buffer += text
-        if not self.stops:
-            out, self.buffer = self.buffer, ""
-            return out, False
-        hits = [i for i in (self.buffer.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            out, self.buffer = self.buffer[: min(hits)], ""
-            return out, True
-        hold = 0
-        for stop in self.stops:
-            for n in range(min(len(stop) - 1, len(self.buffer)), 0, -1):
-                if self.buffer.endswith(stop[:n]):
-                    hold = max(hold, n)
-                    break
-        cut = len(self.buffer) - hold
-        out, self.buffer = self.buffer[:cut], self.buffer[cut:]
-        return out, False
-
-    def flush(self) -> str:
-        """Text still held back when generation ends without a stop string."""
-        out, self.buffer = self.buffer, ""
-        return out
 
 
 class LocalBackend(Backend):

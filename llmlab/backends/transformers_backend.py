@@ -463,7 +463,7 @@ def _grammar_logits(vocab: _LlamaVocab, grammar: str, prompt_length: int, params
         TopPLogitsWarper,
     )
 
-    from llmlab.engine import Grammar  # llama.cpp's grammar sampler, as the engine uses it
+    from llmlab.sampling import Grammar  # llama.cpp's grammar sampler, as the engine uses it
 
     warps = []
     if params.temperature > 0:
@@ -475,7 +475,7 @@ def _grammar_logits(vocab: _LlamaVocab, grammar: str, prompt_length: int, params
 
     class GrammarLogits(LogitsProcessor):
         def __init__(self):
-            self.grammar = Grammar(vocab._ll, vocab.vocab, vocab.n_vocab, grammar)
+            self.grammar = Grammar(vocab.vocab, grammar)
 
         def __call__(self, input_ids, scores):
             if input_ids.shape[1] > prompt_length:  # the grammar moves past the last token

@@ -10,36 +10,7 @@ import pytest
 from llmlab import backends
 from llmlab.backends import hf_checkpoint
 from llmlab.backends.base import Chunk, ContextOverflowError, Timings, Usage, collect
-from llmlab.backends.local import StopMatcher
 from llmlab.registry import ModelSpec, Source, sha256_file
-
-
-def feed_all(stops: list[str], pieces: list[str]) -> tuple[str, bool]:
-    matcher = StopMatcher(stops)
-    shown = []
-    for piece in pieces:
-        text, hit = matcher.feed(piece)
-        shown.append(text)
-        if hit:
-            return "".join(shown), True
-    return "".join(shown) + matcher.flush(), False
-
-
-def test_stop_string_split_over_pieces_is_never_shown():
-    assert feed_all(["\nUser:"], ["Hello", " there\n", "Us", "er: more"]) == ("Hello there", True)
-
-
-def test_text_that_only_looks_like_a_stop_start_is_released():
-    assert feed_all(["STOP"], ["a S", "T", "x b"]) == ("a STx b", False)
-
-
-def test_no_stop_strings_passes_text_through():
-    matcher = StopMatcher([])
-    assert matcher.feed("abc") == ("abc", False)
-
-
-def test_earliest_of_several_stop_strings_wins():
-    assert feed_all(["world", "lo"], ["hello world"]) == ("hel", True)
 
 
 @pytest.mark.parametrize(
