@@ -121,6 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="engines on Ray (default: as many as the cluster's CPUs hold at LLMLAB_THREADS each)",
     )
     parser.add_argument(
+        "--exact-model",
+        action="store_true",
+        default=None,
+        help="run the model's file exactly as given; by default a batch-friendly version of it "
+        "runs when it is nearly the same model (see README; also LLMLAB_EXACT_MODEL=1)",
+    )
+    parser.add_argument(
         "--n-ctx",
         "--ctx",
         dest="n_ctx",
@@ -212,14 +219,22 @@ def _outcomes(
         model.count_tokens("hello")  # backends load lazily: a bad file shows up now, not per row
         return batch.run_sequential(model.chat, rows, params, args.system, args.template)
     from llmlab.engine import Engine
+    from llmlab.registry import batch_format
 
-    engine = Engine(spec, parallel=args.parallel, n_ctx=args.n_ctx)
+    choice = batch_format.choose(spec, exact=args.exact_model, say=_say)
+    if choice.message:
+        print(choice.message, flush=True)
+    engine = Engine(choice.spec, parallel=args.parallel, n_ctx=args.n_ctx)
     resources.append(engine)
     return batch.run_with_engine(engine, rows, params, args.system, args.template)
 
 
 def _error(message: str) -> None:
     print(message, file=sys.stderr)
+
+
+def _say(message: str) -> None:
+    print(message, flush=True)
 
 
 def _check_paths(args: argparse.Namespace) -> str | None:

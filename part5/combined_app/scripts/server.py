@@ -21,6 +21,7 @@ if str(REPO) not in sys.path:
 from llmlab import registry  # noqa: E402
 from llmlab.backends.base import BackendError  # noqa: E402
 from llmlab.finetune.adapters import check_adapter  # noqa: E402
+from llmlab.registry import batch_format  # noqa: E402
 
 EPILOG = """examples:
   python part5/combined_app/scripts/server.py                      # http://127.0.0.1:8000/
@@ -86,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--cache-ttl", type=float, help="seconds a cached reply stays valid (default: 600)"
     )
     parser.add_argument(
+        "--exact-model",
+        action="store_true",
+        default=None,
+        help="serve the model's file exactly as given; by default a batch-friendly version of "
+        "it is served when it is nearly the same model (also LLMLAB_EXACT_MODEL=1)",
+    )
+    parser.add_argument(
         "--log-level",
         default="info",
         choices=["debug", "info", "warning", "error"],
@@ -103,6 +111,10 @@ def _adapters(items: list[str]) -> dict[str, str] | None:
             return None
         adapters[name.strip()] = os.path.expanduser(path.strip())
     return adapters
+
+
+def _say(message: str) -> None:
+    print(message, flush=True)
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -153,12 +165,15 @@ def main(argv: list[str] | None = None) -> int:
             registry.read_gguf_info(spec.path)
         for path in settings.lora.values():  # ... and so does an adapter for another model
             check_adapter(path, spec)
+        choice = batch_format.choose(spec, exact=settings.exact_model, say=_say)
     except (registry.RegistryError, BackendError) as exc:
         print(exc, file=sys.stderr)
         return 2
     except ValueError as exc:
         print(f"Invalid option: {exc}", file=sys.stderr)
         return 2
+    if choice.message:
+        print(choice.message)
     try:
         if settings.port and not _port_free(settings.host, settings.port):
             print(
@@ -182,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         server.should_exit = True
 
     config = uvicorn.Config(
-        create_app(settings, on_fatal=stop),
+        create_app(settings, on_fatal=stop, spec=choice.spec),
         host=settings.host,
         port=settings.port,
         log_level=args.log_level,
