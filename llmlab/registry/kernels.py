@@ -10,8 +10,8 @@ all of them; without one, llama.cpp repeats the per-row dot products for every t
     kernels.has_batched_kernel("Q4_1")           # False on x86 without AMX
     kernels.batched_formats(["AVX2", "F16C", "LLAMAFILE", "REPACK"])
 
-Measured on the lab's 2-core x86 machines (``/work/shared/measurements.md``): 8 sequences of
-the shipped Q4_1 file give 1.7x the tokens/s of one, Q8_0 2.6-3.3x.
+Measured with ``llama-batched-bench`` on the lab's 2-core x86 machines (no AMX): 8 sequences
+of the shipped Q4_1 file give 1.7x the tokens/s of one, Q8_0 2.6-3.3x (see part3/README.md).
 """
 
 from __future__ import annotations
