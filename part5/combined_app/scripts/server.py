@@ -177,6 +177,13 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"Invalid option: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(
+            "Interrupted while making the batch-friendly file (nothing half-made is kept). "
+            "Start the server again to finish it, or add --exact-model.",
+            file=sys.stderr,
+        )
+        return 130
     if choice.message:
         print(choice.message)
     try:
