@@ -185,6 +185,45 @@ def evaluate(
     )
 
 
+def compare(
+    reference_model: Any,
+    model: Any,
+    text: str,
+    n_ctx: int = 512,
+    stride: int | None = None,
+    max_tokens: int | None = None,
+) -> PerplexityResult:
+    """:func:`evaluate` ``model`` against ``reference_model`` without keeping the reference's
+    distributions: both score each window in turn, so memory holds one window of each
+    (:func:`reference` keeps every scored row, 200 KB per token with a 49k vocabulary).
+    ``kl`` and ``top1`` are those of ``model`` from ``reference_model``."""
+    ref = as_scorer(reference_model, n_ctx)
+    scorer = as_scorer(model, n_ctx)
+    tokens = _tokens(ref, text, max_tokens)
+    plan = windows(len(tokens), n_ctx, stride or n_ctx // 2)
+    start = time.perf_counter()
+    total = kl = agree = 0.0
+    for begin, end, first in plan:
+        window = tokens[begin:end]
+        expected = log_softmax(ref.logits(window)[first - 1 - begin : end - 1 - begin])
+        rows = log_softmax(scorer.logits(window)[first - 1 - begin : end - 1 - begin])
+        total -= float(rows[np.arange(end - first), tokens[first:end]].sum())
+        kl += float((np.exp(expected) * (expected - rows)).sum())
+        agree += float((expected.argmax(axis=1) == rows.argmax(axis=1)).sum())
+    _close(ref, reference_model)
+    _close(scorer, model)
+    scored = len(tokens) - 1
+    return PerplexityResult(
+        math.exp(total / scored),
+        total / scored,
+        scored,
+        len(plan),
+        time.perf_counter() - start,
+        max(kl / scored, 0.0),
+        agree / scored,
+    )
+
+
 def perplexity(
     model: Any,
     text: str,

@@ -33,8 +33,12 @@ from llmlab import perplexity, registry
 from llmlab.bench import peak_memory, timer
 from llmlab.settings import Settings, get_settings
 
-# Every variant the lab makes, from most to fewest bits; ``f16`` is the full-precision
-# source. Values are llama.cpp's LLAMA_FTYPE_* names.
+# Every variant the lab makes, ``f16`` (the full-precision source) first, then from the
+# largest file to the smallest on the lab's default model, which is also from closest to
+# farthest from ``f16``. Values are llama.cpp's LLAMA_FTYPE_* names. ``q4_0`` and
+# ``iq4_nl`` are there for their batched kernels on x86 (llmlab.registry.kernels), not for
+# their quality: on weights that already sit on the shipped Q4_1 grid, another 4-bit grid
+# costs more than ``q3_k_m``, whose 576-wide tensors mostly fall back to Q4_0 / Q5_0 anyway.
 FTYPES = {
     "f16": "LLAMA_FTYPE_MOSTLY_F16",
     "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
@@ -42,6 +46,8 @@ FTYPES = {
     "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
     "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
     "q3_k_m": "LLAMA_FTYPE_MOSTLY_Q3_K_M",
+    "iq4_nl": "LLAMA_FTYPE_MOSTLY_IQ4_NL",
+    "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
     "q2_k": "LLAMA_FTYPE_MOSTLY_Q2_K",
 }
 TAGS = tuple(FTYPES)
@@ -54,6 +60,8 @@ NOMINAL_BITS = {
     "q5_k_m": 5.5,
     "q4_k_m": 4.5,
     "q3_k_m": 3.4375,
+    "iq4_nl": 4.5,
+    "q4_0": 4.5,
     "q2_k": 2.625,
 }
 
@@ -65,7 +73,7 @@ def _quiet(_: str) -> None:
 
 
 def check_tags(tags: Iterable[str]) -> list[str]:
-    """Lower-cased tags in the lab's order (most bits first).
+    """Lower-cased tags in the lab's order (:data:`TAGS`: largest file first).
 
     Raises:
         ValueError: a tag is not one of :data:`TAGS` (the message lists them).

@@ -13,6 +13,7 @@ import sys
 
 from llmlab import registry
 from llmlab.hardware import MemoryInfo, human_bytes, memory_info
+from llmlab.registry import batch_format
 from llmlab.settings import get_settings
 
 EPILOG = """examples:
@@ -262,12 +263,16 @@ def cmd_recommend(args, settings) -> int:
     rec = registry.recommend(
         settings, memory=memory, headroom=args.headroom, present_only=args.present
     )
+    local = rec.spec.model_copy(update={"path": registry.local_path(rec.spec, settings)})
+    batches = batch_format.explain(local, settings)
     if args.json:
         print(json.dumps({**registry.describe(rec.spec, settings), "reason": rec.reason,
-                          "budget_bytes": rec.budget_bytes, "device": rec.device}, indent=2))  # fmt: skip
+                          "budget_bytes": rec.budget_bytes, "device": rec.device,
+                          "batches": batches}, indent=2))  # fmt: skip
         return 0
     print(rec.spec.ref)
     print(rec.reason)
+    print(batches)
     return 0
 
 

@@ -50,6 +50,11 @@ class Settings(BaseSettings):
         True,
         description="llama.cpp's flash-attention kernel (faster here, on CPU too; 0 turns it off).",
     )
+    exact_model: bool = Field(
+        False,
+        description="Batch jobs and the server run the model's file exactly as given, not a "
+        "batch-friendly version of it (llmlab.registry.batch_format; --exact-model).",
+    )
     base_url: str | None = Field(
         None, description="OpenAI-compatible server for the remote backend."
     )

@@ -33,4 +33,8 @@ def lab_home(tmp_path, monkeypatch):
     monkeypatch.setenv("LLMLAB_HOME", str(home))
     for var in ("LLMLAB_DEFAULT_MODEL", "LLMLAB_BACKEND", "LLMLAB_BASE_URL", "LLMLAB_API_KEY"):
         monkeypatch.delenv(var, raising=False)
+    # batch_process.py and server.py would make and measure a batch-friendly Q8_0 in every
+    # fresh home (tens of seconds each): tests run the shipped file, except those of that
+    # choice (tests/unit/test_batch_format.py, test_batch_process.py), which unset this.
+    monkeypatch.setenv("LLMLAB_EXACT_MODEL", "1")
     return home

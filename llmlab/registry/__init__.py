@@ -25,6 +25,9 @@ Everything is importable from here; the code lives in short modules:
 - ``gguf_info``: :func:`read_gguf_info`, a fast reader of GGUF headers
 - ``user_models``: :func:`add`, :func:`register_remote`, :func:`remove`
 - ``memory``: :func:`estimate_ram` and :func:`recommend`
+- ``kernels``: which weight formats the installed llama.cpp multiplies in batches here
+- ``batch_format``: which file of a model batch jobs and the server run (imported on its
+  own: ``from llmlab.registry import batch_format``)
 """
 
 from llmlab import hardware

@@ -25,6 +25,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
+from llmlab import registry
 from part5.combined_app.cache import ResponseCache
 from part5.combined_app.config import ServerSettings
 from part5.combined_app.errors import install_handlers
@@ -48,11 +49,17 @@ log = logging.getLogger("llmlab.server")
 
 
 def create_app(
-    settings: ServerSettings | None = None, on_fatal: Callable[[str], object] | None = None
+    settings: ServerSettings | None = None,
+    on_fatal: Callable[[str], object] | None = None,
+    spec: registry.ModelSpec | None = None,
 ) -> FastAPI:
     """A new app with its own model service, metrics and batch jobs (nothing loads until startup).
 
     Raises ``RegistryError`` or ``ValueError`` for a model, alias or models file that is wrong.
+
+    ``spec``, if given, is the resolved entry to serve for ``settings.model`` (the server
+    script passes the batch-friendly file ``llmlab.registry.batch_format`` chose); by
+    default the catalog's file of ``settings.model`` is served.
 
     ``on_fatal(reason)`` is called if the engine fails and no new one can be loaded (the
     server script stops the process there); without it the app goes on answering 500s and
@@ -86,7 +93,7 @@ def create_app(
         version="1.0",
         lifespan=lifespan,
     )
-    service = ModelService(settings)
+    service = ModelService(settings, spec)
     app.state.settings = settings
     app.state.service = service
     app.state.metrics = Metrics(queue_depth=service.queue_depth, busy_slots=service.busy_slots)

@@ -73,6 +73,14 @@ class ServerSettings(BaseSettings):
     cache_ttl: float = Field(600.0, gt=0, description="Seconds a cached reply stays valid.")
     cache_bytes: int = Field(32_000_000, ge=1, description="Most bytes of cached replies.")
     home: Path | None = Field(None, description="Lab home for uploads and batches (LLMLAB_HOME).")
+    exact_model: bool = Field(
+        default_factory=lambda: get_settings().exact_model,
+        validation_alias=AliasChoices(
+            "LLMLAB_SERVER_EXACT_MODEL", "LLMLAB_EXACT_MODEL", "exact_model"
+        ),
+        description="server.py serves the model's file exactly as given, not a batch-friendly "
+        "version of it (llmlab.registry.batch_format).",
+    )
 
     @property
     def lab_home(self) -> Path:

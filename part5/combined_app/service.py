@@ -107,11 +107,12 @@ def _as_api_error(exc: BaseException) -> BaseException:
 class ModelService:
     """The served chat model (on the shared engine) and the embedding models, loaded once."""
 
-    def __init__(self, settings: ServerSettings):
+    def __init__(self, settings: ServerSettings, spec: registry.ModelSpec | None = None):
         self.settings = settings
         self.status = "loading"
         self.error: str | None = None
         self.spec: registry.ModelSpec | None = None
+        self._given_spec = spec  # resolved by the caller (server.py's batch-friendly choice)
         self.engine: Engine | None = None
         self.require_chat = True  # extra models of a multi-model server may be completion-only
         self._stopping = threading.Event()
@@ -125,7 +126,7 @@ class ModelService:
     def load(self) -> None:
         """Resolve and load the chat model into a new engine (blocking; seconds)."""
         try:
-            self.spec = registry.resolve(self.settings.model)
+            self.spec = self._given_spec or registry.resolve(self.settings.model)
             if self.require_chat and "chat" not in self.spec.capabilities:
                 raise registry.RegistryError(
                     f"{self.spec.ref} is not a chat model (capabilities: "

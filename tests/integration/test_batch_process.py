@@ -7,8 +7,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -544,3 +546,57 @@ def test_every_bad_input_gets_a_message_the_right_exit_code_and_loses_nothing(
     if case.ids is not None:
         ids = [r["id"] for r in lines(tmp_path / "out.jsonl")]
         assert sorted(map(json.dumps, ids)) == sorted(map(json.dumps, case.ids))
+
+
+@pytest.mark.slow
+def test_the_default_model_runs_as_a_q8_0_made_once_and_exact_model_keeps_the_shipped_file(
+    tmp_path, capsys, monkeypatch
+):
+    import llmlab.engine
+    from llmlab.registry import kernels
+    from part5.combined_app.scripts.server import main as server_main
+
+    if "Q4_1" in kernels.batched_formats(kernels.build_features()):
+        pytest.skip("Q4_1 has a batched kernel in this build (AMX): nothing to choose")
+    monkeypatch.delenv("LLMLAB_EXACT_MODEL")  # the suite runs the shipped file by default
+    loaded: list[Path] = []
+    real_engine = llmlab.engine.Engine
+
+    def engine(spec, **kwargs):
+        loaded.append(spec.path)
+        return real_engine(spec, **kwargs)
+
+    monkeypatch.setattr(llmlab.engine, "Engine", engine)
+    src, out = tmp_path / "prompts.txt", tmp_path / "out.jsonl"
+    src.write_text("\n".join(QUESTIONS[:2]) + "\n", encoding="utf-8")
+    shipped = registry.resolve().path
+    choice = re.compile(
+        r"using smollm2-135m-instruct Q8_0 \(made from the shipped Q4_1: batched kernels here, "
+        r"KL 0\.0[01]\d < 0\.02\); --exact-model keeps the file as given"
+    )
+
+    assert batch_process.main([str(src), "-o", str(out), *FAST]) == 0
+    first = capsys.readouterr().out
+    assert "Making smollm2-135m-instruct Q8_0 from the Q4_1 file" in first
+    assert choice.search(first) and "Done: 2 rows" in first
+    assert loaded[-1].name == "SmolLM2-135M-Instruct.Q8_0.gguf" and loaded[-1] != shipped
+    assert all(row["output"] for row in lines(out))
+
+    assert batch_process.main([str(src), "-o", str(out), "--overwrite", *FAST]) == 0
+    second = capsys.readouterr().out  # the cached variant: no making, the same choice
+    assert "Making" not in second and choice.search(second).group() == choice.search(first).group()
+
+    assert (
+        batch_process.main([str(src), "-o", str(out), "--overwrite", "--exact-model", *FAST]) == 0
+    )
+    exact = capsys.readouterr().out
+    assert loaded[-1] == shipped and not choice.search(exact)
+    assert "using smollm2-135m-instruct Q4_1 as given (--exact-model)" in exact
+    assert len(lines(out)) == 2
+
+    with socket.socket() as busy:  # the server script decides the same way, from the cache
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        assert server_main(["--port", str(busy.getsockname()[1])]) == 2
+    served = capsys.readouterr().out
+    assert choice.search(served) and "Making" not in served

@@ -417,6 +417,20 @@ def test_recommend_picks_the_largest_chat_model_that_fits(capsys):
     assert json.loads(out)["ref"] == "smollm2-135m-instruct:q4_1"
 
 
+def test_recommend_explains_the_batch_trade(capsys):
+    from llmlab.registry import kernels
+
+    code, out, _ = run(capsys, "recommend", "--available-ram", "0.5")
+    batches = out.splitlines()[-1]
+    assert code == 0 and batches.startswith("Batches: Q4_1 ")
+    if "Q4_1" not in kernels.batched_formats(kernels.build_features()):  # x86 without AMX
+        assert "Q4_1 has no batched kernel in this llama.cpp build" in batches
+        assert "make a Q8_0 from it the first time" in batches and "0.02 nats/token" in batches
+        assert "KL 0.19-0.26" in batches and "--exact-model" in batches
+    code, out, _ = run(capsys, "recommend", "--available-ram", "0.5", "--json")
+    assert json.loads(out)["batches"] == batches
+
+
 def test_recommend_when_nothing_fits(capsys):
     code, _, err = run(capsys, "recommend", "--available-ram", "0.1")
     assert code == 1

@@ -83,6 +83,8 @@ def test_each_variant_uses_its_quantization_type(variants):
     # Rows of 576 values are not a multiple of the 256-value k-quant block: llama.cpp falls
     # back to a legacy type for those tensors, so q2_k is mostly not Q2_K.
     assert quantize.tensor_types(variants["q2_k"])["Q2_K"] < 100
+    assert quantize.tensor_types(variants["q4_0"])["Q4_0"] >= 180
+    assert quantize.tensor_types(variants["iq4_nl"])["IQ4_NL"] >= 180
     sizes = [variants[tag].stat().st_size for tag in quantize.TAGS]
     assert sizes == sorted(sizes, reverse=True)
 
@@ -122,6 +124,19 @@ def test_registered_variants_resolve_and_chat(variants):
     model = backends.load("smollm2-135m-instruct:q4_k_m", backend="llama.cpp", n_ctx=512)
     try:
         reply = model.chat([{"role": "user", "content": "Say hello."}], max_tokens=8, temperature=0)
+    finally:
+        model.close()
+    assert reply.text.strip()
+
+
+@pytest.mark.parametrize("tag", ["q4_0", "iq4_nl"])
+def test_the_batch_friendly_4_bit_variants_are_made_and_load(variants, tag):
+    assert quantize.NOMINAL_BITS[tag] == 4.5
+    quantize.register({tag: variants[tag]})
+    assert registry.resolve(f"smollm2-135m-instruct:{tag}").quantization == tag.upper()
+    model = backends.load(f"smollm2-135m-instruct:{tag}", backend="llama.cpp", n_ctx=256)
+    try:
+        reply = model.chat([{"role": "user", "content": "Say hello."}], max_tokens=4, temperature=0)
     finally:
         model.close()
     assert reply.text.strip()

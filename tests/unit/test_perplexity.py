@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from llmlab.perplexity import evaluate, perplexity, reference, token_nll, windows
+from llmlab.perplexity import compare, evaluate, perplexity, reference, token_nll, windows
 
 V = 7  # vocabulary of the stand-in models
 
@@ -120,3 +120,15 @@ def test_the_reference_knows_its_own_perplexity():
     text = counting_text(30)
     ref = reference(CountingModel(0.8), text, n_ctx=8, stride=4)
     assert ref.perplexity == pytest.approx(perplexity(CountingModel(0.8), text, n_ctx=8, stride=4))
+
+
+def test_compare_gives_what_evaluate_gives_against_a_kept_reference():
+    text = counting_text(30)
+    kept = reference(CountingModel(0.9), text, n_ctx=8, stride=4)
+    expected = evaluate(CountingModel(0.5), text, n_ctx=8, reference=kept)
+    streamed = compare(CountingModel(0.9), CountingModel(0.5), text, n_ctx=8, stride=4)
+    assert streamed.kl == pytest.approx(expected.kl, rel=1e-6)
+    assert streamed.perplexity == pytest.approx(expected.perplexity)
+    assert (streamed.top1, streamed.tokens) == (expected.top1, expected.tokens)
+    same = compare(CountingModel(0.9), CountingModel(0.9), text, n_ctx=8, max_tokens=20)
+    assert same.kl == pytest.approx(0, abs=1e-9) and same.tokens == 19

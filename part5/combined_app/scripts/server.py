@@ -21,6 +21,7 @@ if str(REPO) not in sys.path:
 from llmlab import registry  # noqa: E402
 from llmlab.backends.base import BackendError  # noqa: E402
 from llmlab.finetune.adapters import check_adapter  # noqa: E402
+from llmlab.registry import batch_format  # noqa: E402
 
 EPILOG = """examples:
   python part5/combined_app/scripts/server.py                      # http://127.0.0.1:8000/
@@ -28,6 +29,11 @@ EPILOG = """examples:
   python part5/combined_app/scripts/server.py --api-key s3cret     # clients send 'Bearer s3cret'
   python part5/combined_app/scripts/server.py --host 0.0.0.0 --cors http://localhost:3000
   python part5/combined_app/scripts/server.py --lora json-qa=runs/json-qa/json-qa.lora.gguf
+  python part5/combined_app/scripts/server.py --exact-model        # the model's file as given
+
+By default the server runs a version of the model whose format llama.cpp multiplies in
+batches here (for the shipped Q4_1: a Q8_0 made from it once, KL 0.005 nats/token), when its
+KL divergence from the requested file on held-out text is at most 0.02; it says which.
 
 then, from any OpenAI client:
   OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="s3cret" or "unused")
@@ -113,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--cache-ttl", type=float, help="seconds a cached reply stays valid (default: 600)"
     )
     parser.add_argument(
+        "--exact-model",
+        action="store_true",
+        default=None,
+        help="serve the model's file exactly as given; by default a batch-friendly version of "
+        "it is served when it is nearly the same model (also LLMLAB_EXACT_MODEL=1)",
+    )
+    parser.add_argument(
         "--log-level",
         default="info",
         choices=["debug", "info", "warning", "error"],
@@ -140,6 +153,10 @@ def _pairs(items: list[str]) -> dict[str, str] | None:
             return None
         pairs[name.strip()] = value.strip()
     return pairs
+
+
+def _say(message: str) -> None:
+    print(message, flush=True)
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -202,12 +219,22 @@ def main(argv: list[str] | None = None) -> int:
             registry.read_gguf_info(spec.path)
         for path in settings.lora.values():  # ... and so does an adapter for another model
             check_adapter(path, spec)
+        choice = batch_format.choose(spec, exact=settings.exact_model, say=_say)
     except (registry.RegistryError, BackendError) as exc:
         print(exc, file=sys.stderr)
         return 2
     except ValueError as exc:
         print(f"Invalid option: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(
+            "Interrupted while making the batch-friendly file (nothing half-made is kept). "
+            "Start the server again to finish it, or add --exact-model.",
+            file=sys.stderr,
+        )
+        return 130
+    if choice.message:
+        print(choice.message)
     try:
         if settings.port and not _port_free(settings.host, settings.port):
             print(
@@ -231,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         server.should_exit = True
 
     try:
-        app = create_app(settings, on_fatal=stop)
+        app = create_app(settings, on_fatal=stop, spec=choice.spec)
     except (registry.RegistryError, ValueError) as exc:
         print(exc, file=sys.stderr)
         return 2
