@@ -66,6 +66,7 @@ def test_models_lists_what_is_loaded_what_can_be_and_the_aliases(http):
     assert models[BASE]["capabilities"] == ["completion"]
     assert models[BASE]["estimated_memory_bytes"] > 0
     assert models["base"]["alias_of"] == BASE and models["fast"]["alias_of"] == DEFAULT
+    assert models["base"]["capabilities"] == ["completion"]  # the web page lists chat models
     assert "auto" in models
 
 

@@ -227,12 +227,28 @@ def _model_entries(service: ModelService, pool: ModelPool) -> list[dict[str, Any
         }
         for model in pool.describe()
     ]
-    entries += [
-        {"id": alias, "object": "model", "created": created, "owned_by": "llmlab", "alias_of": to}
-        for alias, to in sorted(pool.aliases.items())
-    ]
+    for alias in sorted(pool.aliases):
+        target = pool.choose(alias, Hints())[0]
+        entries.append(
+            {
+                "id": alias,
+                "object": "model",
+                "created": created,
+                "owned_by": "llmlab",
+                "alias_of": target,
+                "capabilities": pool.capabilities(target),
+            }
+        )
     if pool.auto is not None:
-        entries.append({"id": "auto", "object": "model", "created": created, "owned_by": "llmlab"})
+        entries.append(
+            {
+                "id": "auto",
+                "object": "model",
+                "created": created,
+                "owned_by": "llmlab",
+                "capabilities": ["chat", "completion"],
+            }
+        )
     try:
         spec = registry.find(service.embedding_model_id)
         entries.append(
