@@ -171,6 +171,14 @@ class ModelPool:
         # Without a budget given, three quarters of the RAM: the rest is the system's.
         self.budget = settings.memory_budget or int(0.75 * psutil.virtual_memory().total)
 
+    @classmethod
+    def validate(cls, settings: ServerSettings) -> None:
+        """Check the models, aliases, rules and models file of ``settings`` before anything
+        loads (``RegistryError`` or ``ValueError`` saying what is wrong)."""
+        file = read_models_file(settings.models_file) if settings.models_file else None
+        metrics = Metrics(queue_depth=lambda: 0, busy_slots=lambda: 0)
+        cls(settings, ModelService(settings), metrics, file).check()
+
     # --- names ------------------------------------------------------------------------
 
     def check(self) -> None:

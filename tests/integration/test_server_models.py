@@ -4,6 +4,7 @@ answered is in the reply, a header and /metrics."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -133,7 +134,7 @@ def test_server_refuses_an_alias_for_a_model_it_does_not_serve(tmp_path):
         capture_output=True,
         text=True,
         timeout=120,
-        env={"LLMLAB_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"},
+        env={**os.environ, "LLMLAB_HOME": str(tmp_path)},
     )
     assert run.returncode == 2
     assert "alias 'quality' names 'qwen'" in run.stderr

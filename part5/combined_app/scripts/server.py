@@ -177,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from part5.combined_app import ServerSettings, create_app
+    from part5.combined_app.models import ModelPool
 
     options = {
         k: v
@@ -219,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             registry.read_gguf_info(spec.path)
         for path in settings.lora.values():  # ... and so does an adapter for another model
             check_adapter(path, spec)
+        ModelPool.validate(settings)  # the other models, aliases and rules, before any wait
         choice = batch_format.choose(spec, exact=settings.exact_model, say=_say)
     except (registry.RegistryError, BackendError) as exc:
         print(exc, file=sys.stderr)
