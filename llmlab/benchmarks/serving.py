@@ -7,7 +7,7 @@ came (from ``stream_options.include_usage``). Reported side by side, in one run:
 
 * aggregate tokens/s of 8 concurrent clients over one client alone (the gain of the
   continuous-batching engine, less the server's and the clients' own work on the same
-  cores; the target is 2x, which a 2-core AVX2 CPU does not reach: see llmlab/engine.py),
+  cores; the target is 2x, which a 2-core AVX2 CPU does not reach: see llmlab/engine/__init__.py),
 * p95 time to first token, alone and under load,
 * failed requests (should be zero).
 

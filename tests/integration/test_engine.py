@@ -1,5 +1,7 @@
-"""The batched engine on the real default model: same greedy text alone, beside others and
-through the llama.cpp backend; streaming, stop strings, cancel, a full queue, closing."""
+"""The batched engine on the real default model: in deterministic mode the same greedy text
+alone, beside others and through the llama.cpp backend; in the default mixed mode, valid
+replies while a long prompt is prefilled beside running streams; streaming, stop strings,
+cancel, a full queue, closing."""
 
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ def chat(question, **params):
 
 @pytest.fixture(scope="module")
 def engine():
-    with Engine(parallel=4, n_ctx=512) as e:
+    # Deterministic: several tests compare greedy text token for token between runs.
+    with Engine(parallel=4, n_ctx=512, deterministic=True) as e:
         yield e
 
 
@@ -49,7 +52,7 @@ def test_greedy_text_is_the_same_alone_and_beside_others(engine):
 
 
 def test_the_standard_attention_kernel_is_also_the_same_alone_and_beside_others():
-    with Engine(parallel=4, n_ctx=256, flash_attn=False) as engine:
+    with Engine(parallel=4, n_ctx=256, flash_attn=False, deterministic=True) as engine:
         together = [engine.submit(chat(q, max_tokens=16, temperature=0)) for q in QUESTIONS]
         together = [h.result().text for h in together]
         alone = [
@@ -71,7 +74,7 @@ def test_greedy_text_equals_the_llama_cpp_backend_on_the_same_attention_kernel()
         flash = model._llm.context_params.flash_attn_type == llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
     finally:
         model.close()
-    with Engine(parallel=4, n_ctx=512) as engine:
+    with Engine(parallel=4, n_ctx=512, deterministic=True) as engine:
         assert engine.flash_attn == flash  # the same attention kernel by default
         handles = [engine.submit(chat(q, max_tokens=24, temperature=0)) for q in QUESTIONS]
         results = [h.result() for h in handles]
@@ -217,7 +220,23 @@ def test_a_prompt_that_starts_like_an_earlier_one_prefills_only_the_rest(engine)
     before = engine.reused_prompt_tokens
     cached = engine.chat(follow_up, max_tokens=12, temperature=0)
     assert engine.reused_prompt_tokens - before >= prompt_tokens
-    with Engine(parallel=1, n_ctx=512, prefix_cache=False) as fresh:
+    with Engine(parallel=1, n_ctx=512, prefix_cache=False, deterministic=True) as fresh:
         assert fresh.chat(follow_up, max_tokens=12, temperature=0).text == cached.text
         assert fresh.chat(follow_up, max_tokens=12, temperature=0).text == cached.text
         assert fresh.reused_prompt_tokens == 0
+
+
+def test_mixed_prefill_gives_whole_replies_while_a_long_prompt_goes_in_beside_them():
+    # The default mode: prompts are prefilled in chunks inside the running streams' steps.
+    with Engine(parallel=4, n_ctx=512, prefill_chunk=16) as engine:
+        assert not engine.deterministic and engine.prefill_chunk == 16
+        streams = [engine.submit(chat(q, max_tokens=24, temperature=0)) for q in QUESTIONS[:3]]
+        long_question = "Summarize this: " + " ".join(["The river runs to the sea."] * 12)
+        late = engine.submit(chat(long_question, max_tokens=24, temperature=0))
+        results = [h.result(300) for h in [*streams, late]]
+        assert late.result().usage.prompt_tokens > 3 * 16  # prefilled over several steps
+        assert engine.max_batch_sequences >= 2
+    for result in results:
+        assert result.finish_reason in ("stop", "length") and result.text.strip()
+        assert "\ufffd" not in result.text  # whole UTF-8 characters
+        assert result.usage.completion_tokens == 24 or result.finish_reason == "stop"

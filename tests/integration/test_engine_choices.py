@@ -198,7 +198,7 @@ def test_each_request_gets_its_own_adapter_and_the_replies_interleave_correctly(
         (q, name): _reference(q, adapters.get(name)) for q in questions for name in (None, "style")
     }
     assert want[(questions[0], None)] != want[(questions[0], "style")]  # the adapter matters
-    with Engine(parallel=4, n_ctx=512, adapters=adapters) as engine:
+    with Engine(parallel=4, n_ctx=512, adapters=adapters, deterministic=True) as engine:
         keys = list(want)
         handles = [
             engine.submit(chat(q, max_tokens=16, temperature=0, lora={name: 1.0} if name else None))
