@@ -229,7 +229,8 @@ def _outcomes(
     choice = batch_format.choose(spec, exact=args.exact_model, say=_say)
     if choice.message:
         print(choice.message, flush=True)
-    engine = Engine(choice.spec, parallel=args.parallel, n_ctx=args.n_ctx)
+    # Deterministic: a row's greedy answer does not depend on the rows decoded beside it.
+    engine = Engine(choice.spec, parallel=args.parallel, n_ctx=args.n_ctx, deterministic=True)
     resources.append(engine)
     return batch.run_with_engine(engine, rows, params, args.system, args.template)
 
