@@ -67,8 +67,12 @@ sides must use the same one.
 The parts: :mod:`llmlab.engine.context` wraps llama.cpp (model, tokens, template, decode,
 logits, KV memory, adapters); :mod:`llmlab.engine.scheduler` holds the queue and slots and
 runs the steps, reaching the model only through a small ``Context`` interface (tests drive
-it with a fake model, ``tests/unit/test_engine_scheduler.py``); :mod:`llmlab.engine.sampler`
-is the per-slot sampler seam; :mod:`llmlab.engine.requests` has the request and handle types.
+it with a fake model, ``tests/unit/test_engine_scheduler.py``) and a per-sequence
+``Sampler``: :class:`llmlab.sampling.SlotSampler`, llama.cpp's own sampler chain (repeat
+penalty, top-k, top-p, then temperature, as the llama.cpp backend samples), made with the
+request's handle; :mod:`llmlab.engine.requests` has the request and handle types, and
+:mod:`llmlab.engine.logprobs` the logprobs of generated tokens. Text goes through the
+backends' shared :class:`llmlab.backends.text_stream.TextStream` (UTF-8, stop strings).
 
 Speed, measured on a 2-core AVX2 CPU with SmolLM2-135M Q4_1: a raw ``llama_decode`` of 8
 sequences takes ~4.5x the time of one (unpacking 4-bit weights keeps the cores busy), so
@@ -79,7 +83,7 @@ measures the engine against a plain loop.
 from __future__ import annotations
 
 from llmlab.engine.core import PREFILL_CHUNK, Engine
-from llmlab.engine.grammar import Grammar
+from llmlab.engine.logprobs import token_logprob
 from llmlab.engine.requests import (
     MAX_LOGPROBS,
     AdapterSet,
@@ -88,24 +92,20 @@ from llmlab.engine.requests import (
     QueueFullError,
     Request,
 )
-from llmlab.engine.sampler import PENALTY_LAST_N, SlotSampler, sample, token_logprob
-from llmlab.engine.scheduler import Context, Scheduler, next_group
+from llmlab.engine.scheduler import Context, Sampler, Scheduler, next_group
 
 __all__ = [
     "MAX_LOGPROBS",
-    "PENALTY_LAST_N",
     "PREFILL_CHUNK",
     "AdapterSet",
     "Context",
     "Engine",
     "EngineError",
-    "Grammar",
     "Handle",
     "QueueFullError",
     "Request",
     "Scheduler",
-    "SlotSampler",
+    "Sampler",
     "next_group",
-    "sample",
     "token_logprob",
 ]

@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 
 from llmlab import registry
-from llmlab.backends.base import Message
+from llmlab.backends.base import GenerationParams, Message
 from llmlab.backends.llamacpp import gguf_chat_formatter, load_error
-from llmlab.engine.grammar import Grammar
 from llmlab.engine.requests import AdapterSet, EngineError
+from llmlab.sampling import SlotSampler
 
 Entry = tuple[int, int, int, bool]  # (token, position, seq_id, wants_logits)
 
@@ -193,9 +193,9 @@ class LlamaContext:
             )
         return self._formatter(messages=messages).prompt
 
-    def grammar(self, gbnf: str) -> Grammar:
-        """A new grammar sampler for ``gbnf`` (raises ValueError if it does not parse)."""
-        return Grammar(self._ll, self._vocab, self.n_vocab, gbnf)
+    def sampler(self, params: GenerationParams, gbnf: str | None = None) -> SlotSampler:
+        """A new llama.cpp sampler chain for one sequence (ValueError if ``gbnf`` does not parse)."""
+        return SlotSampler(params, gbnf, vocab=self._vocab)
 
     # --- decoding --------------------------------------------------------------------
 

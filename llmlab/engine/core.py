@@ -12,10 +12,9 @@ from typing import Any
 import numpy as np
 
 from llmlab import registry
-from llmlab.backends.base import Chunk, ContextOverflowError, Message, Result
+from llmlab.backends.base import Chunk, ContextOverflowError, GenerationParams, Message, Result
 from llmlab.chat import PARAM_RANGES, check_param
 from llmlab.engine.context import LlamaContext, check_adapters
-from llmlab.engine.grammar import Grammar
 from llmlab.engine.requests import (
     MAX_LOGPROBS,
     AdapterSet,
@@ -95,7 +94,7 @@ class Engine:
         context: an already loaded model context instead of ``model`` (a test's fake
             model; see :class:`llmlab.engine.scheduler.Context` for what it needs, plus
             ``tokenize``, ``token_bytes``, ``apply_chat_template``, ``add_bos``,
-            ``grammar``, ``close`` and ``spec``). ``adapters`` then names the ones it has.
+            ``sampler``, ``close`` and ``spec``). ``adapters`` then names the ones it has.
 
     Raises:
         BackendError: the model or an adapter cannot be loaded (the message says why).
@@ -346,25 +345,28 @@ class Engine:
                 raise ValueError("the prompt is empty")
             if len(tokens) + request.params.max_tokens > self.n_ctx:
                 raise ContextOverflowError(len(tokens), request.params.max_tokens, self.n_ctx)
-            grammars = self._grammars(request.grammar, n)
+            params = [request.params] * n
+            if request.params.seed is not None:
+                params = [
+                    dataclasses.replace(request.params, seed=request.params.seed + i)
+                    for i in range(n)
+                ]
+            samplers = self._samplers(params, request.grammar)
         handles = []
-        for i, grammar in enumerate(grammars):
-            params = request.params
-            if i and params.seed is not None:
-                params = dataclasses.replace(params, seed=params.seed + i)
+        for i, sampler in enumerate(samplers):
             handles.append(
                 Handle(
                     next(self._ids),
                     tokens,
-                    params,
+                    params[i],
                     on_chunk,
-                    grammar,
+                    sampler,
                     logprobs=request.logprobs,
                     adapters=adapters,
                     index=i,
                 )
             )
-        self._scheduler.enqueue(handles)  # frees the grammars if it refuses
+        self._scheduler.enqueue(handles)  # frees the samplers if it refuses
         return handles
 
     def _check_request(self, request: Request) -> AdapterSet:
@@ -405,19 +407,18 @@ class Engine:
                 pairs.append((name, float(scale)))
         return tuple(sorted(pairs))
 
-    def _grammars(self, gbnf: str | None, n: int) -> list[Grammar | None]:
-        """One grammar sampler per choice (each keeps its own parse state)."""
-        if gbnf is None:
-            return [None] * n
-        grammars: list[Grammar | None] = []
+    def _samplers(self, params: list[GenerationParams], gbnf: str | None) -> list[Any]:
+        """One llama.cpp sampler chain per choice (each with its own seed and grammar state);
+        made here, so a grammar that does not parse is refused at submit."""
+        samplers: list[Any] = []
         try:
-            for _ in range(n):
-                grammars.append(self._ctx.grammar(gbnf))
+            for each in params:
+                samplers.append(self._ctx.sampler(each, gbnf))
         except BaseException:
-            for grammar in grammars:
-                grammar.free()
+            for sampler in samplers:
+                sampler.free()
             raise
-        return grammars
+        return samplers
 
     def generate(self, requests: list[Request]) -> list[Result]:
         """Run ``requests`` together and return their results in order (a convenience)."""

@@ -20,7 +20,7 @@ from llmlab.backends.base import (
 )
 
 if TYPE_CHECKING:
-    from llmlab.engine.grammar import Grammar
+    from llmlab.sampling import SlotSampler
 
 
 class EngineError(BackendError):
@@ -107,7 +107,7 @@ class Handle:
         prompt_tokens: list[int],
         params: GenerationParams,
         on_chunk: Callable[[Chunk], None] | None,
-        grammar: Grammar | None = None,
+        sampler: SlotSampler | None = None,
         *,
         logprobs: int | None = None,
         adapters: AdapterSet = (),
@@ -116,7 +116,7 @@ class Handle:
         self.id = request_id
         self.prompt_tokens = prompt_tokens
         self.params = params
-        self.grammar = grammar
+        self.sampler = sampler  # how its tokens are picked (llama.cpp's chain, its grammar)
         self.logprobs = logprobs
         self.adapters = adapters
         self.index = index  # which choice of its prompt (``Engine.submit_choices``)
@@ -209,8 +209,8 @@ class Handle:
             self._finish(result)
 
     def _finish(self, result: Result | None, error: EngineError | None = None) -> None:
-        if self.grammar is not None:
-            self.grammar.free()
+        if self.sampler is not None:
+            self.sampler.free()
         self._result, self._error = result, error
         if error is not None:
             self._call_back(Chunk("", "error", index=self.index))

@@ -8,7 +8,6 @@ model can drive it in tests. Everything else of a request lives in its :class:`H
 
 from __future__ import annotations
 
-import codecs
 import collections
 import logging
 import threading
@@ -19,7 +18,8 @@ from typing import Protocol
 import numpy as np
 
 from llmlab.backends.base import Chunk, Result, Timings, TokenLogprob, Usage
-from llmlab.backends.local import StopMatcher
+from llmlab.backends.text_stream import TextStream
+from llmlab.engine.logprobs import token_logprob
 from llmlab.engine.requests import (
     AdapterSet,
     EngineError,
@@ -27,7 +27,6 @@ from llmlab.engine.requests import (
     QueueFullError,
     unstarted,
 )
-from llmlab.engine.sampler import SlotSampler, token_logprob
 
 log = logging.getLogger("llmlab.engine")
 
@@ -58,15 +57,28 @@ class Context(Protocol):
         """The bytes of one token's text."""
 
 
-def default_sampler(handle: Handle) -> SlotSampler:
-    """The sampler of a newly admitted request."""
-    return SlotSampler(handle.params, handle.prompt_tokens, handle.grammar)
+class Sampler(Protocol):
+    """What the scheduler needs of a sequence's sampler (:class:`llmlab.sampling.SlotSampler`)."""
+
+    def sample_logits(self, logits: np.ndarray) -> int:
+        """The next token from one row of raw logits."""
+
+    def accept(self, token: int) -> None:
+        """``token`` was chosen and the sequence goes on (not called for end-of-generation)."""
+
+    def free(self) -> None:
+        """Release what it holds (safe to call twice)."""
+
+
+def default_sampler(handle: Handle) -> Sampler:
+    """The sampler of a newly admitted request: the one made with its handle at submit."""
+    return handle.sampler
 
 
 class _Sequence:
     """Decoding state of one request in one slot (one llama.cpp sequence id)."""
 
-    def __init__(self, handle: Handle, seq_id: int, sampler: SlotSampler, order: int):
+    def __init__(self, handle: Handle, seq_id: int, sampler: Sampler, order: int):
         self.handle = handle
         self.seq_id = seq_id
         self.params = handle.params
@@ -77,8 +89,7 @@ class _Sequence:
         self.generated: list[int] = []
         self.next_token: int | None = None  # sampled, not yet decoded
         self.text = ""  # completion text shown so far (after stop-string holding)
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.matcher = StopMatcher(self.params.stop)
+        self.stream = TextStream(self.params.stop)  # token bytes in, text safe to show out
         self.sampler = sampler
         self.order = order  # admission order: earlier prompts are prefilled first
         self.started = time.perf_counter()
@@ -161,7 +172,8 @@ class Scheduler:
         prefix_cache: keep a finished sequence's cells as its slot's prompt cache.
         model_lock: held during each decode (the engine tokenizes under it too).
         on_failure: called once with the error if decoding fails.
-        new_sampler: makes the :class:`SlotSampler` of an admitted request.
+        new_sampler: gives the :class:`Sampler` of an admitted request (default: the one
+            its handle carries).
     """
 
     def __init__(
@@ -176,7 +188,7 @@ class Scheduler:
         prefix_cache: bool = True,
         model_lock: threading.Lock | None = None,
         on_failure: Callable[[EngineError], None] | None = None,
-        new_sampler: Callable[[Handle], SlotSampler] = default_sampler,
+        new_sampler: Callable[[Handle], Sampler] = default_sampler,
     ):
         if n_batch <= parallel:
             raise ValueError(f"n_batch ({n_batch}) must exceed parallel ({parallel})")
@@ -232,8 +244,8 @@ class Scheduler:
                 self.wake.notify()
         if refusal is not None:
             for handle in handles:
-                if handle.grammar is not None:
-                    handle.grammar.free()
+                if handle.sampler is not None:
+                    handle.sampler.free()
             raise refusal
 
     def close(self) -> None:
@@ -452,7 +464,7 @@ class Scheduler:
 
     def _accept(self, seq: _Sequence, logits: np.ndarray) -> None:
         """Sample the sequence's next token from ``logits``, stream its text, finish if due."""
-        token = seq.sampler.sample(logits)
+        token = seq.sampler.sample_logits(logits)
         slot = seq.seq_id
         if self.ctx.is_eog(token):
             self._finish(slot, "stop")
@@ -461,11 +473,11 @@ class Scheduler:
         if seq.first_token_at is None:
             seq.first_token_at = time.perf_counter()
         seq.generated.append(token)
-        piece = seq.decoder.decode(self.ctx.token_bytes(token))
+        text, hit = seq.stream.feed(self.ctx.token_bytes(token))
+        piece = seq.stream.piece
         if seq.logprobs is not None:
             top = seq.handle.logprobs
             seq.track(token_logprob(logits, token, top, self.ctx.token_bytes), piece)
-        text, hit = seq.matcher.feed(piece)
         if hit:
             self._finish(slot, "stop", text, hit=True)
             return
@@ -487,7 +499,9 @@ class Scheduler:
         self._hand_over(seq)
         seq.sampler.free()
         if not hit:
-            text += seq.matcher.flush() + seq.decoder.decode(b"", final=True)
+            tail, hit = seq.stream.flush()  # an unfinished character may end a stop string
+            text += tail
+            reason = "stop" if hit else reason
         seq.text += text
         logprobs = seq.release(final=True, hit=hit)
         if text or logprobs:

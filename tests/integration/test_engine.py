@@ -83,6 +83,27 @@ def test_greedy_text_equals_the_llama_cpp_backend_on_the_same_attention_kernel()
     assert [r.finish_reason for r in results] == [r.finish_reason for r in reference]
 
 
+SAMPLED = [
+    {"temperature": 0.9, "top_k": 40, "top_p": 0.95, "seed": 7},
+    {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "seed": 9, "repeat_penalty": 1.3},
+]
+
+
+def test_sampled_text_equals_the_llama_cpp_backends_with_the_same_seed_and_settings(engine):
+    # Both sample with llama.cpp's chain in llama.cpp's order (top-k, top-p, temperature);
+    # the engine's NumPy sampler (temperature first, its own random numbers) did not.
+    model = backends.load(backend="llama.cpp", n_ctx=512)
+    try:
+        reference = [
+            model.chat([{"role": "user", "content": QUESTIONS[1]}], max_tokens=24, **params).text
+            for params in SAMPLED
+        ]
+    finally:
+        model.close()
+    handles = [engine.submit(chat(QUESTIONS[1], max_tokens=24, **params)) for params in SAMPLED]
+    assert [h.result().text for h in handles] == reference
+
+
 def test_stream_pieces_add_up_to_the_result_and_end_with_usage(engine):
     handle = engine.submit(chat("Name a colour.", max_tokens=12, temperature=0))
     chunks = list(handle.stream())

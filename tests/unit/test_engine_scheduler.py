@@ -17,6 +17,7 @@ import pytest
 
 from llmlab.backends.base import GenerationParams
 from llmlab.engine import Engine, EngineError, Handle, QueueFullError, Request, Scheduler
+from llmlab.sampling import SlotSampler
 
 EOG = 0  # the fake's end-of-generation token (byte 0, never reached from printable text)
 
@@ -68,8 +69,10 @@ class FakeContext:
     def apply_chat_template(self, messages) -> str:
         return "".join(m["content"] for m in messages)
 
-    def grammar(self, gbnf: str):
-        raise ValueError("the fake model has no grammars")
+    def sampler(self, params: GenerationParams, gbnf: str | None = None) -> SlotSampler:
+        if gbnf is not None:
+            raise ValueError("the fake model has no grammars")
+        return SlotSampler(params)  # llama.cpp's chain samples any row of logits
 
     def close(self) -> None:
         self.closed += 1
@@ -80,7 +83,7 @@ _ids = itertools.count(1)
 
 def handle(prompt: str, max_tokens: int = 3, on_chunk=None, **params) -> Handle:
     settings = GenerationParams.from_kwargs(max_tokens=max_tokens, temperature=0, **params)
-    return Handle(next(_ids), list(prompt.encode()), settings, on_chunk)
+    return Handle(next(_ids), list(prompt.encode()), settings, on_chunk, SlotSampler(settings))
 
 
 def scheduler(ctx: FakeContext, **options) -> Scheduler:
@@ -126,7 +129,7 @@ def test_requests_are_admitted_first_come_first_served_and_a_full_queue_refuses(
     sched.enqueue([first])
     sched.enqueue([second])
     with pytest.raises(QueueFullError, match="2 requests are already waiting .max_queue=2.; retry"):
-        sched.enqueue([third])
+        sched.enqueue([handle("refused")])
     sched.run_once()  # the first is admitted: one place is free again
     sched.enqueue([third])
     run(sched)
@@ -294,7 +297,7 @@ def test_the_sampler_is_one_object_per_slot_that_can_be_swapped():
             self.freed = False
             made.append(self)
 
-        def sample(self, logits):
+        def sample_logits(self, logits):
             return ord("z") if len(self.accepted) < 2 else EOG
 
         def accept(self, token):
@@ -357,3 +360,15 @@ def test_an_engine_whose_decode_failed_says_why_and_still_closes():
         engine.submit(Request.completion("abc", max_tokens=2))
     engine.close()
     assert ctx.closed == 1
+
+
+def test_request_constructors_validate_parameter_names():
+    request = Request.chat([{"role": "user", "content": "hi"}], max_tokens=3, stop="END")
+    assert request.params.max_tokens == 3 and request.params.stop == ["END"]
+    assert Request.completion("Once", temperature=0).prompt == "Once"
+    try:
+        Request.chat([], max_new_tokens=3)
+    except TypeError as exc:
+        assert "max_new_tokens" in str(exc)
+    else:
+        raise AssertionError("an unknown parameter name was accepted")

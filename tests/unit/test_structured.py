@@ -64,14 +64,13 @@ def accepts():
     import llama_cpp as ll
 
     from llmlab import registry
-    from llmlab.engine import Grammar
+    from llmlab.sampling import Grammar
 
     ll.llama_backend_init()
     params = ll.llama_model_default_params()
     params.vocab_only = True
     model = ll.llama_model_load_from_file(str(registry.resolve(None).path).encode(), params)
     vocab = ll.llama_model_get_vocab(model)
-    n_vocab = ll.llama_vocab_n_tokens(vocab)
 
     def tokens(text):
         data = text.encode()
@@ -80,7 +79,7 @@ def accepts():
         return list(buf[:n])
 
     def check(gbnf, text):
-        grammar = Grammar(ll, vocab, n_vocab, gbnf)
+        grammar = Grammar(vocab, gbnf)
         try:
             for token in tokens(text):
                 if not grammar.allows(token):
