@@ -60,9 +60,11 @@ buffer shared by all sequences and llama.cpp's standard attention kernel, logits
 prompt differed by up to ~1 between runs and greedy tokens flipped.) :class:`Engine` says
 which mode costs what and why mixed is the default. The attention kernel is the llama.cpp
 backend's (flash attention, unless ``LLMLAB_FLASH_ATTN=0``), so deterministic greedy text
-equals ``backends.load(...).chat(..., temperature=0)``. The two kernels round differently:
-with SmolLM2-135M, 9 of 16 greedy 32-token replies differed somewhere between them, so both
-sides must use the same one.
+equals ``backends.load(...).chat(..., temperature=0)``; sampled text with the same seed and
+settings equals the backend's too (both sample with llama.cpp's chain, in llama.cpp's order:
+top-k, top-p on the model's own probabilities, then temperature). The two attention kernels
+round differently: with SmolLM2-135M, 9 of 16 greedy 32-token replies differed somewhere
+between them, so both sides must use the same one.
 
 The parts: :mod:`llmlab.engine.context` wraps llama.cpp (model, tokens, template, decode,
 logits, KV memory, adapters); :mod:`llmlab.engine.scheduler` holds the queue and slots and
