@@ -1,17 +1,22 @@
-"""Serving benchmark: one streaming client alone, then 8 at once, against the lab's server.
+"""Serving benchmark: the lab's server against llama.cpp's own ``llama-server``, same load.
 
-The server (``part5/combined_app/scripts/server.py``) runs in its own process with 8
-slots, exactly as ``make serve`` starts it. Each client streams chat replies through the
-official ``openai`` client and notes when the first token arrives and how many tokens
-came (from ``stream_options.include_usage``). Reported side by side, in one run:
+Both servers run in their own processes on the same GGUF file (the one the lab's server
+chooses to serve; its ``/health`` names it), with the same 8 slots of 512 tokens, the same
+threads and flash attention. ``llama-server`` is built once from the llama-cpp-python sdist
+the lab pins, with the lab's own CPU flags (``llmlab/llama_server.py``), or taken from
+``LLMLAB_LLAMA_SERVER``. Closed-loop streaming clients (1, 4, 8, 16), each asking for
+64 greedy tokens again as soon as a reply ends, through the official ``openai`` client:
+each notes when the first token arrives and how many tokens came
+(``stream_options.include_usage``). Reported side by side, in one run:
 
-* aggregate tokens/s of 8 concurrent clients over one client alone (the gain of the
-  continuous-batching engine, less the server's and the clients' own work on the same
-  cores; the target is 2x, which a 2-core AVX2 CPU does not reach: see llmlab/engine/__init__.py),
-* p95 time to first token, alone and under load,
-* failed requests (should be zero).
+* aggregate tokens/s of all clients, for each server and number of clients, with the ratios
+  the serving targets name: the lab at 8 clients over the lab at 1 (the batching gain,
+  target 2x) and the lab over ``llama-server`` at 1 client (target 0.95x) and 8 (1.1x),
+* p50 and p95 time to first token,
+* failed requests (target: none, also at 16 clients, twice the slots).
 
-``quick=True`` uses 2 clients and tiny replies, only to check that the suite runs.
+``quick=True`` uses 1 and 2 clients and tiny replies, only to check that the suite runs;
+it measures ``llama-server`` only if one is already built (it never builds one).
 """
 
 from __future__ import annotations
@@ -78,11 +83,9 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def server_process(*args: str, timeout: float = 180.0) -> Iterator[str]:
-    """Start server.py on a free port in a child process; yields its base URL once /health is ok."""
-    port = free_port()
-    command = [sys.executable, str(SERVER), "--port", str(port), "--log-level", "warning", *args]
-    base_url = f"http://127.0.0.1:{port}"
+def running(command: list[str], base_url: str, name: str, timeout: float = 180.0) -> Iterator[str]:
+    """Run ``command`` (a server) in a child process; yields ``base_url`` once its ``/health``
+    says ok. If it exits first, the error has the tail of its output."""
     with tempfile.TemporaryFile() as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         try:
@@ -91,12 +94,12 @@ def server_process(*args: str, timeout: float = 180.0) -> Iterator[str]:
                 if process.poll() is not None:
                     log.seek(0)
                     tail = log.read().decode(errors="replace")[-2000:]
-                    raise RuntimeError(f"the server exited with code {process.returncode}:\n{tail}")
-                with contextlib.suppress(httpx.HTTPError):
+                    raise RuntimeError(f"{name} exited with code {process.returncode}:\n{tail}")
+                with contextlib.suppress(httpx.HTTPError, ValueError):
                     if httpx.get(f"{base_url}/health", timeout=2).json().get("status") == "ok":
                         break
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"the server was not ready within {timeout:.0f} s")
+                    raise RuntimeError(f"{name} was not ready within {timeout:.0f} s")
                 time.sleep(0.2)
             yield base_url
         finally:
@@ -108,16 +111,52 @@ def server_process(*args: str, timeout: float = 180.0) -> Iterator[str]:
                 process.wait()
 
 
-def stream_once(client, prompt: str, max_tokens: int, seed: int) -> tuple[float, float, int]:
+def server_process(*args: str, timeout: float = 180.0) -> contextlib.AbstractContextManager[str]:
+    """Start the lab's server.py on a free port in a child process; yields its base URL once
+    /health is ok."""
+    port = free_port()
+    command = [sys.executable, str(SERVER), "--port", str(port), "--log-level", "warning", *args]
+    return running(command, f"http://127.0.0.1:{port}", "the lab's server", timeout)
+
+
+def llama_server_process(
+    binary: Path, model: Path, slots: int, ctx: int, threads: int, timeout: float = 180.0
+) -> contextlib.AbstractContextManager[str]:
+    """Start llama.cpp's llama-server on a free port, as :func:`server_process` does."""
+    from llmlab import llama_server
+
+    port = free_port()
+    command = llama_server.command(binary, model, port, slots, ctx, threads, _flash_attn())
+    return running(command, f"http://127.0.0.1:{port}", "llama-server", timeout)
+
+
+def _flash_attn() -> bool:
+    from llmlab.settings import get_settings
+
+    return get_settings().flash_attn
+
+
+def served_model(base_url: str) -> str:
+    """The chat model a server serves: the one its /health names (the lab's server), else
+    the first one /v1/models lists."""
+    health = httpx.get(f"{base_url}/health", timeout=10).json()
+    if health.get("model"):
+        return health["model"]
+    return httpx.get(f"{base_url}/v1/models", timeout=10).json()["data"][0]["id"]
+
+
+def stream_once(
+    client, model: str, prompt: str, max_tokens: int, temperature: float = 0.0, seed: int = 0
+) -> tuple[float, float, int]:
     """One streamed chat reply: (seconds to the first token, seconds in all, completion tokens)."""
     started = time.perf_counter()
     first = None
     tokens = 0
     stream = client.chat.completions.create(
-        model="smollm2-135m-instruct",
+        model=model,
         messages=[{"role": "user", "content": prompt}],
         max_tokens=max_tokens,
-        temperature=0.8,
+        temperature=temperature,
         seed=seed,
         stream=True,
         stream_options={"include_usage": True},
@@ -131,10 +170,20 @@ def stream_once(client, prompt: str, max_tokens: int, seed: int) -> tuple[float,
     return (first if first is not None else total), total, tokens
 
 
-def run_clients(base_url: str, clients: int, requests_each: int, max_tokens: int) -> LoadResult:
-    """``clients`` threads, each streaming ``requests_each`` replies one after another."""
+def run_clients(
+    base_url: str,
+    clients: int,
+    requests_each: int,
+    max_tokens: int,
+    temperature: float = 0.0,
+    model: str | None = None,
+) -> LoadResult:
+    """``clients`` threads, each streaming ``requests_each`` replies one after another
+    (closed loop: the next request goes as soon as a reply ends). ``model``: the name sent
+    (default: the first one the server lists); greedy unless ``temperature`` is above 0."""
     from openai import OpenAI
 
+    model = model or served_model(base_url)
     result = LoadResult(clients)
     lock = threading.Lock()
     start = threading.Barrier(clients + 1)
@@ -145,7 +194,9 @@ def run_clients(base_url: str, clients: int, requests_each: int, max_tokens: int
         for i in range(requests_each):
             prompt = PROMPTS[(number + i) % len(PROMPTS)]
             try:
-                ttft, total, tokens = stream_once(client, prompt, max_tokens, seed=number * 100 + i)
+                ttft, total, tokens = stream_once(
+                    client, model, prompt, max_tokens, temperature, seed=number * 100 + i
+                )
             except Exception as exc:  # counted, not raised: the figure is how many fail
                 with lock:
                     result.failures.append(f"{type(exc).__name__}: {exc}")
@@ -166,37 +217,116 @@ def run_clients(base_url: str, clients: int, requests_each: int, max_tokens: int
     return result
 
 
+@dataclass
+class Load:
+    """The load both servers get: slots of ``ctx`` tokens, closed-loop clients, reply length."""
+
+    slots: int = 8
+    ctx: int = 512
+    client_counts: tuple[int, ...] = (1, 4, 8, 16)
+    max_tokens: int = 64
+    requests_each: int = 2  # per client; one client alone asks for twice as many
+
+    def requests_for(self, clients: int) -> int:
+        return self.requests_each * (2 if clients == 1 else 1)
+
+
+FULL = Load()
+QUICK = Load(slots=2, client_counts=(1, 2), max_tokens=8, requests_each=1)
+LAB = "lab server"
+LLAMA = "llama-server"
+
+
+def measure(base_url: str, load: Load, model: str) -> dict[int, LoadResult]:
+    """Every client count of ``load`` against one server, after a warm-up request."""
+    run_clients(base_url, 1, 1, 4, model=model)  # first-request costs stay out of the figures
+    return {
+        n: run_clients(base_url, n, load.requests_for(n), load.max_tokens, model=model)
+        for n in load.client_counts
+    }
+
+
+def case(server: str, clients: int) -> str:
+    """The row case for ``server`` under ``clients`` clients (notebook 11 reads it back)."""
+    return f"{server}, {clients} client{'s' if clients != 1 else ''}"
+
+
+def rows_for(
+    lab: dict[int, LoadResult], ref: dict[int, LoadResult] | None, load: Load
+) -> list[Row]:
+    """Rows of both servers side by side, the ratios of the serving targets among them."""
+    rows: list[Row] = []
+    tps: dict[tuple[str, int], Row] = {}
+    for server, results in ((LLAMA, ref or {}), (LAB, lab)):
+        for n, result in results.items():
+            metric, value = "aggregate tokens/s", result.tokens_per_second
+            other = tps.get((LLAMA, n))
+            if server == LAB and other is not None:
+                note = {1: "target >= 0.95x", load.slots: "target >= 1.1x"}.get(n, "")
+                row = Row.compared(SUITE, case(server, n), metric, value, "tok/s", other, note)
+            else:
+                row = Row(SUITE, case(server, n), metric, value, "tok/s")
+            tps[server, n] = row
+            rows += [
+                row,
+                Row(SUITE, case(server, n), "p50 time to first token", result.percentile(0.5), "s"),
+                Row(
+                    SUITE, case(server, n), "p95 time to first token", result.percentile(0.95), "s"
+                ),
+                Row(
+                    SUITE,
+                    case(server, n),
+                    "failed requests",
+                    float(len(result.failures)),
+                    "requests",
+                    note="; ".join(result.failures[:2])
+                    or ("target 0" if n == max(load.client_counts) else ""),
+                ),  # fmt: skip
+            ]
+    first, slots = min(load.client_counts), load.slots
+    if (LAB, first) in tps and (LAB, slots) in tps:
+        rows.append(
+            Row.compared(
+                SUITE,
+                case(LAB, slots),
+                "batching gain (tokens/s)",
+                tps[LAB, slots].value,
+                "tok/s",
+                tps[LAB, first],
+                note=f"target >= 2x with {slots} slots",
+            )  # fmt: skip
+        )
+    return rows
+
+
+def reference_server(quick: bool):
+    """The llama-server binary: in quick mode only one already there (None if not)."""
+    from llmlab import llama_server
+
+    if quick:
+        return llama_server.find()
+    return llama_server.find_or_build()
+
+
 def run(quick: bool = False) -> list[Row]:
-    """One client alone, then N concurrent clients, on one server with N slots."""
-    clients = 2 if quick else 8
-    max_tokens = 8 if quick else 96
-    requests_each = 1 if quick else 2
-    with server_process("--parallel", str(clients), "--queue-size", str(4 * clients)) as url:
-        run_clients(url, 1, 1, 4)  # warm-up: first-request costs stay out of the figures
-        alone = run_clients(url, 1, requests_each * (1 if quick else 2), max_tokens)
-        together = run_clients(url, clients, requests_each, max_tokens)
-    one = "1 client"
-    many = f"{clients} clients"
-    base = Row(SUITE, one, "aggregate tokens/s", alone.tokens_per_second, "tok/s")
-    return [
-        base,
-        Row.compared(
-            SUITE,
-            many,
-            "aggregate tokens/s",
-            together.tokens_per_second,
-            "tok/s",
-            baseline=base,
-            note=f"target >= 2x with --parallel {clients}",
-        ),
-        Row(SUITE, one, "p95 time to first token", alone.percentile(0.95), "s"),
-        Row(SUITE, many, "p95 time to first token", together.percentile(0.95), "s"),
-        Row(
-            SUITE,
-            many,
-            "failed requests",
-            float(len(alone.failures) + len(together.failures)),
-            "requests",
-            note="; ".join((alone.failures + together.failures)[:2]),
-        ),
-    ]
+    """The same load against the lab's server, then llama-server on the file it served."""
+    from llmlab import registry
+    from llmlab.settings import get_settings
+
+    load = QUICK if quick else FULL
+    threads = get_settings().threads
+    binary = reference_server(quick)  # built (minutes) before anything is measured
+    lab_args = ["--parallel", str(load.slots), "--ctx", str(load.ctx), "--threads", str(threads)]
+    with server_process(*lab_args) as url:
+        model = served_model(url)
+        lab = measure(url, load, model)
+    ref = None
+    if binary is None:
+        print("   llama-server is not built, so it is left out (quick mode never builds it; "
+              "python -m llmlab.llama_server build does)")  # fmt: skip
+    else:
+        path = registry.resolve(model).path
+        print(f"   llama-server: {binary} on {path}")
+        with llama_server_process(binary, path, load.slots, load.ctx, threads) as url:
+            ref = measure(url, load, model)
+    return rows_for(lab, ref, load)
