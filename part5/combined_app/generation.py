@@ -407,6 +407,10 @@ async def stream_choices(
 ) -> AsyncIterator[tuple[int, Text | structured.ToolCall | Reply]]:
     """Every choice's :func:`stream_reply` pieces as ``(choice index, piece)``, in the order
     they are decoded (each choice's own pieces keep their order)."""
+    if len(generations) == 1:  # the common case needs no task and queue between (a hop per piece)
+        async for piece in stream_reply(generations[0], job, Timed(metrics)):
+            yield 0, piece
+        return
     queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
 
     async def pump(index: int, generation: Generation) -> None:

@@ -19,9 +19,10 @@ with the reason (``scripts/server.py`` then stops with exit code 1).
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
@@ -34,9 +35,8 @@ from llmlab.backends.base import (
     ContextOverflowError,
     GenerationParams,
     Message,
-    Result,
-    collect,
 )
+from llmlab.backends.engine_backend import EngineBackend
 from llmlab.engine import Engine, EngineError, Handle, QueueFullError, Request
 from llmlab.settings import get_settings
 from part5.combined_app.config import ServerSettings
@@ -53,40 +53,87 @@ ENGINE_POLL_SECONDS = 0.2  # how often a batch job waiting for a new engine look
 class Generation:
     """One submitted request, read from asyncio. Iterate for chunks; :meth:`cancel` frees its slot.
 
-    The engine calls :meth:`_put` on its own thread with every chunk; the chunk is handed
-    to the event loop, so no thread waits per request and a slow model blocks nobody.
+    The engine calls :meth:`_put` on its own thread with every chunk. Chunks wait in a deque,
+    and the event loop is woken once for all that arrive before it runs: a wake-up per
+    token per stream (``call_soon_threadsafe`` writes to the loop's self-pipe, and the loop
+    then takes the GIL from the decode thread) cost the server half its single-stream speed
+    once the kernel was fast. The reader takes every waiting chunk at once and hands them on
+    as one (their texts joined), so a slow reader gets fewer, longer pieces instead of falling
+    behind; no thread waits per request and a slow model blocks nobody.
     """
 
     def __init__(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._queue: asyncio.Queue[Chunk] = asyncio.Queue()
+        self._chunks: collections.deque[Chunk] = collections.deque()
+        self._ready = asyncio.Event()
+        self._woken = False  # a wake-up is on its way to the loop (set and cleared under the GIL)
         self._done = False
         self.handle: Handle | None = None
 
     def _put(self, chunk: Chunk) -> None:
+        self._chunks.append(chunk)  # before the test below: a wake-up under way will see it
+        if self._woken:
+            return
+        self._woken = True
         try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, chunk)
+            self._loop.call_soon_threadsafe(self._wake)
         except RuntimeError:  # the event loop has closed (server shutting down)
             self.cancel()
 
+    def _wake(self) -> None:
+        self._woken = False
+        self._ready.set()
+
+    async def _next(self) -> list[Chunk]:
+        """Every chunk that has arrived, waiting for one if none has."""
+        while not self._chunks:
+            self._ready.clear()
+            if self._chunks:  # arrived between the test and the clear
+                break
+            await self._ready.wait()
+        taken = []
+        while self._chunks:
+            taken.append(self._chunks.popleft())
+        return taken
+
     async def __aiter__(self) -> AsyncIterator[Chunk]:
         while not self._done:
-            chunk = await self._queue.get()
-            if chunk.finish_reason == "error":  # the engine failed this request
+            chunks = await self._next()
+            last = chunks[-1]
+            if last.finish_reason == "error":  # the engine failed this request
                 self._done = True
+                if len(chunks) > 1:
+                    yield merge_chunks(chunks[:-1])
                 try:
                     await asyncio.to_thread(self.handle.result, 10)
                 except Exception as exc:
                     raise _as_api_error(exc) from exc
                 raise APIError(500, "The model failed on this request.", code="engine_error")
-            if chunk.finish_reason is not None:
+            if last.finish_reason is not None:
                 self._done = True
-            yield chunk
+            yield merge_chunks(chunks)
 
     def cancel(self) -> None:
         """Stop decoding and free the slot (no effect once finished)."""
         if self.handle is not None:
             self.handle.cancel()
+
+
+def merge_chunks(chunks: list[Chunk]) -> Chunk:
+    """One chunk for several that came in a row from one sequence: their texts and logprobs
+    joined, and the last one's finish reason, usage and timings (only the last has them)."""
+    if len(chunks) == 1:
+        return chunks[0]
+    last = chunks[-1]
+    logprobs = [entry for chunk in chunks for entry in chunk.logprobs or []]
+    return Chunk(
+        "".join(chunk.text for chunk in chunks),
+        last.finish_reason,
+        last.usage,
+        last.timings,
+        logprobs if any(chunk.logprobs is not None for chunk in chunks) else None,
+        last.index,
+    )
 
 
 def _as_api_error(exc: BaseException) -> BaseException:
@@ -424,8 +471,19 @@ class ModelService:
         return self.engine.active if self.engine else 0
 
     def chat_backend(self) -> Backend:
-        """The engine behind the :class:`Backend` interface (for llmlab.rag's QuestionAnswerer)."""
-        return EngineBackend(self)
+        """The engine behind the :class:`Backend` interface (for llmlab.rag's QuestionAnswerer),
+        its refusals and failures as the API answers them."""
+        return EngineBackend(self.require_ready, errors=self._backend_error)
+
+    def _backend_error(self, exc: EngineError) -> APIError:
+        if isinstance(exc, QueueFullError):
+            return APIError(
+                503,
+                "The server is busy; retry in a few seconds.",
+                code="queue_full",
+                headers={"Retry-After": str(self.settings.retry_after)},
+            )
+        return self.unavailable(exc)
 
     # --- embeddings -----------------------------------------------------------------
 
@@ -459,58 +517,3 @@ class ModelService:
     def embedding_model_id(self) -> str:
         """The default embedding model's catalog name."""
         return self.settings.embedding_model or get_settings().embedding_model
-
-
-class EngineBackend(Backend):
-    """The shared engine seen through the :class:`Backend` interface, from worker threads.
-
-    Document QA (``llmlab.rag.QuestionAnswerer``) takes a Backend; this one routes its
-    requests through the same engine and queue as the API, so they are batched together.
-    """
-
-    name = "engine"
-
-    def __init__(self, service: ModelService):
-        self.service = service
-
-    def _stream(self, **request: Any) -> Iterator[Chunk]:
-        engine = self.service.require_ready()
-        try:
-            handle = engine.submit(Request(**request))
-        except QueueFullError as exc:
-            raise APIError(
-                503,
-                "The server is busy; retry in a few seconds.",
-                code="queue_full",
-                headers={"Retry-After": str(self.service.settings.retry_after)},
-            ) from exc
-        except EngineError as exc:  # the engine failed or closed since require_ready
-            raise self.service.unavailable(exc) from exc
-        try:
-            yield from handle.stream()
-        except EngineError as exc:
-            raise _as_api_error(exc) from exc
-        finally:
-            handle.cancel()
-
-    def chat(self, messages: list[Message], **params: Any) -> Result:
-        return collect(self.stream_chat(messages, **params))
-
-    def stream_chat(self, messages: list[Message], **params: Any) -> Iterator[Chunk]:
-        return self._stream(messages=messages, params=GenerationParams.from_kwargs(**params))
-
-    def complete(self, prompt: str, **params: Any) -> Result:
-        return collect(self._stream(prompt=prompt, params=GenerationParams.from_kwargs(**params)))
-
-    def count_tokens(self, text: str) -> int:
-        return len(self.service.prompt_ids(prompt=text))
-
-    def info(self) -> dict[str, Any]:
-        return {"backend": "engine", "model": self.service.spec.ref if self.service.spec else None}
-
-    def close(self) -> None:
-        """Nothing to free: the service owns the engine."""
-
-    @property
-    def context_length(self) -> int:
-        return self.service.require_ready().n_ctx
