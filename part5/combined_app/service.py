@@ -50,50 +50,69 @@ RELOAD_PAUSE_SECONDS = 1.0
 ENGINE_POLL_SECONDS = 0.2  # how often a batch job waiting for a new engine looks again
 
 
-class Generation:
-    """One submitted request, read from asyncio. Iterate for chunks; :meth:`cancel` frees its slot.
+class Mailbox:
+    """Chunks from the engine thread to the event loop: one wake-up for all that wait.
 
-    The engine calls :meth:`_put` on its own thread with every chunk. Chunks wait in a deque,
-    and the event loop is woken once for all that arrive before it runs: a wake-up per
-    token per stream (``call_soon_threadsafe`` writes to the loop's self-pipe, and the loop
-    then takes the GIL from the decode thread) cost the server half its single-stream speed
-    once the kernel was fast. The reader takes every waiting chunk at once and hands them on
-    as one (their texts joined), so a slow reader gets fewer, longer pieces instead of falling
-    behind; no thread waits per request and a slow model blocks nobody.
+    ``call_soon_threadsafe`` writes to the loop's self-pipe, and the woken loop then takes
+    the GIL from the decode thread; one wake-up per token per stream cost the server half
+    its single-stream speed once the kernel was fast. So chunks wait here, and the loop is
+    woken once for every chunk of every stream that arrives before it runs (a decode step
+    of 8 sequences is one wake-up, not 8).
     """
 
-    def __init__(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._chunks: collections.deque[Chunk] = collections.deque()
-        self._ready = asyncio.Event()
-        self._woken = False  # a wake-up is on its way to the loop (set and cleared under the GIL)
-        self._done = False
-        self.handle: Handle | None = None
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._items: collections.deque[tuple[Generation, Chunk]] = collections.deque()
+        self._woken = False  # a wake-up is on its way (set and cleared under the GIL)
 
-    def _put(self, chunk: Chunk) -> None:
-        self._chunks.append(chunk)  # before the test below: a wake-up under way will see it
+    def put(self, generation: Generation, chunk: Chunk) -> None:
+        """Hand ``chunk`` to ``generation`` (called on the engine thread)."""
+        self._items.append((generation, chunk))  # before the test: a wake-up under way sees it
         if self._woken:
             return
         self._woken = True
         try:
-            self._loop.call_soon_threadsafe(self._wake)
+            self.loop.call_soon_threadsafe(self._deliver)
         except RuntimeError:  # the event loop has closed (server shutting down)
-            self.cancel()
+            generation.cancel()
 
-    def _wake(self) -> None:
+    def _deliver(self) -> None:
         self._woken = False
+        while self._items:
+            generation, chunk = self._items.popleft()
+            generation._arrived(chunk)
+
+
+class Generation:
+    """One submitted request, read from asyncio. Iterate for chunks; :meth:`cancel` frees its slot.
+
+    The engine calls :meth:`_put` on its own thread with every chunk; the chunk reaches the
+    event loop through a :class:`Mailbox` (shared by the requests of one service), so no
+    thread waits per request and a slow model blocks nobody. The reader takes every chunk
+    that has arrived at once and hands them on as one (their texts joined), so a slow
+    reader gets fewer, longer pieces instead of falling behind.
+    """
+
+    def __init__(self, mailbox: Mailbox | None = None) -> None:
+        self._mailbox = mailbox or Mailbox(asyncio.get_running_loop())
+        self._chunks: list[Chunk] = []  # touched on the event loop only
+        self._ready = asyncio.Event()
+        self._done = False
+        self.handle: Handle | None = None
+
+    def _put(self, chunk: Chunk) -> None:
+        self._mailbox.put(self, chunk)
+
+    def _arrived(self, chunk: Chunk) -> None:
+        self._chunks.append(chunk)
         self._ready.set()
 
     async def _next(self) -> list[Chunk]:
         """Every chunk that has arrived, waiting for one if none has."""
         while not self._chunks:
             self._ready.clear()
-            if self._chunks:  # arrived between the test and the clear
-                break
             await self._ready.wait()
-        taken = []
-        while self._chunks:
-            taken.append(self._chunks.popleft())
+        taken, self._chunks = self._chunks, []
         return taken
 
     async def __aiter__(self) -> AsyncIterator[Chunk]:
@@ -164,6 +183,7 @@ class ModelService:
         self.require_chat = True  # extra models of a multi-model server may be completion-only
         self._stopping = threading.Event()
         self._recovery: threading.Thread | None = None
+        self._chunk_mailbox: Mailbox | None = None
         self.on_rejected: Callable[[], Any] = lambda: None  # the app counts 503s here
         self.on_engine_failure: Callable[[], Any] = lambda: None  # ... and engine failures
         self.on_fatal: Callable[[str], Any] = lambda reason: None  # no engine could be reloaded
@@ -427,7 +447,7 @@ class ModelService:
         with ``logprobs`` and ``lora`` adapters as :class:`llmlab.engine.Request` takes them;
         errors as :meth:`submit`."""
         engine = self.require_ready()
-        generations = [Generation() for _ in range(n)]
+        generations = [Generation(self._mailbox()) for _ in range(n)]
         request = Request(
             messages=messages,
             prompt=prompt,
@@ -461,6 +481,13 @@ class ModelService:
         for generation, handle in zip(generations, handles, strict=True):
             generation.handle = handle
         return generations
+
+    def _mailbox(self) -> Mailbox:
+        """The mailbox of the running event loop (one for all of this service's requests)."""
+        loop = asyncio.get_running_loop()
+        if self._chunk_mailbox is None or self._chunk_mailbox.loop is not loop:
+            self._chunk_mailbox = Mailbox(loop)
+        return self._chunk_mailbox
 
     def queue_depth(self) -> int:
         """Requests waiting for a slot."""

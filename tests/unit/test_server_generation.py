@@ -15,7 +15,7 @@ import pytest
 from llmlab.backends.base import Chunk, TokenLogprob, Usage
 from llmlab.engine import EngineError
 from part5.combined_app.errors import APIError
-from part5.combined_app.service import Generation, merge_chunks
+from part5.combined_app.service import Generation, Mailbox, merge_chunks
 
 
 class FailedHandle:
@@ -64,6 +64,34 @@ def test_chunks_that_arrive_together_wake_the_loop_once_and_come_as_one():
     got = read_all(chunks, wakeups)
     assert wakeups == [1]
     assert [(c.text, c.finish_reason, c.usage) for c in got] == [("Hello you", "length", usage)]
+
+
+def test_a_decode_step_of_several_streams_wakes_the_loop_once():
+    async def main():
+        loop = asyncio.get_running_loop()
+        mailbox = Mailbox(loop)
+        streams = [Generation(mailbox) for _ in range(8)]
+        calls = []
+        real = loop.call_soon_threadsafe
+        loop.call_soon_threadsafe = lambda *args: (calls.append(args), real(*args))[1]
+
+        def step(text: str, finish: str | None = None) -> None:  # one token of every stream
+            for index, stream in enumerate(streams):
+                stream._put(Chunk(f"{text}{index}", finish))
+
+        for args in (("a",), ("b", "stop")):
+            engine = threading.Thread(target=step, args=args)
+            engine.start()
+            engine.join()
+            await asyncio.sleep(0)  # the loop runs the wake-up: every stream has its chunk
+        texts = []
+        for stream in streams:
+            texts.append([chunk.text async for chunk in stream])
+        return calls, texts
+
+    calls, texts = asyncio.run(main())
+    assert len(calls) == 2  # two steps, eight streams
+    assert texts == [[f"a{i}b{i}"] for i in range(8)]  # each read at the end: one chunk
 
 
 def test_merged_chunks_keep_their_logprobs_in_order_and_their_choice():
