@@ -82,6 +82,12 @@ class EngineBackend(Backend):
         except EngineError as exc:
             raise self._errors(exc) from exc
 
+    def prompt_tokens(self, messages: list[Message]) -> int:
+        try:
+            return len(self.engine.prompt_tokens(Request(messages=messages)))
+        except EngineError as exc:
+            raise self._errors(exc) from exc
+
     def info(self) -> dict[str, Any]:
         return {"backend": "engine", "model": self.engine.spec.ref}
 

@@ -27,6 +27,7 @@ def test_a_chat_is_the_engines_own_reply_and_the_engine_stays_open(engine):
     assert model.count_tokens("hello world") == len(
         engine.prompt_tokens(Request(prompt="hello world"))
     )
+    assert model.prompt_tokens(HI) == len(engine.prompt_tokens(Request(messages=HI)))
     assert model.info() == {"backend": "engine", "model": engine.spec.ref}
     assert model.context_length == 256
     model.close()
