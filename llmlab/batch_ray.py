@@ -68,7 +68,7 @@ class RowWorker:
             spec = registry.resolve(options.pop("model"))
             if spec.format == "gguf" and spec.path.is_file():
                 registry.read_gguf_info(spec.path)  # junk under a model's name: say so
-            self.engine = Engine(spec, **options)
+            self.engine = Engine(spec, deterministic=True, **options)  # as a local run
         except BaseException as exc:
             self.problem = exc
             raise
