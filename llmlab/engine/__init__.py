@@ -76,10 +76,11 @@ request's handle; :mod:`llmlab.engine.requests` has the request and handle types
 :mod:`llmlab.engine.logprobs` the logprobs of generated tokens. Text goes through the
 backends' shared :class:`llmlab.backends.text_stream.TextStream` (UTF-8, stop strings).
 
-Speed, measured on a 2-core AVX2 CPU with SmolLM2-135M Q4_1: a raw ``llama_decode`` of 8
-sequences takes ~4.5x the time of one (unpacking 4-bit weights keeps the cores busy), so
-8 sequences give ~1.8x the tokens/s of one at best; ``make bench`` (suite ``batch``)
-measures the engine against a plain loop.
+Speed depends on the weight format: on x86 without AMX, llama.cpp has batched (GEMM)
+kernels for Q8_0, Q4_0 and IQ4_NL but not for Q4_1, so batching pays far more on the
+former (``llmlab.registry.batch_format`` picks such a file by default); ``make bench``
+(suites ``batch`` and ``serving``) measures the engine against a plain loop and against
+llama.cpp's own server.
 """
 
 from __future__ import annotations

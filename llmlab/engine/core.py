@@ -42,8 +42,6 @@ class Engine:
       text stays valid text of the requested length, but it is not promised to be
       bit-identical alone and beside others: a prompt's chunks fall differently depending
       on its neighbours, and the kernels may round differently for other batch shapes.
-      (With the shipped Q4_1 file and one KV stream per sequence, 8 of 8 greedy replies
-      still came out equal to the deterministic ones: observed, not promised.)
     - ``deterministic=True``: a prompt is prefilled alone, in ``n_batch`` chunks, while the
       running sequences wait; greedy output (``temperature=0``) is then bit-for-bit the same
       alone and batched, and equal to the llama.cpp backend's on the same attention kernel.
@@ -51,17 +49,11 @@ class Engine:
     Mixed is the default because a server's streams should not stall each time a client
     arrives; tests and lessons that compare runs token by token, and batch jobs
     (``part3/batch_process.py``: the same rows at any ``--parallel``), ask for
-    ``deterministic=True``. What each costs, measured on the 2-core development machine
-    heavily loaded (about 10 other busy processes; one thread; SmolLM2-135M Q4_1,
-    ``parallel=8``; the absolute figures are far below an idle machine's and depend on
-    it, the comparison is what counts), two rounds each:
-
-    - 8 requests of 48 greedy tokens submitted together: about the same throughput
-      (deterministic 10.7-12.8 tok/s, mixed 10.5-15.4 at chunks of 32, 64 or 128).
-    - a request with a 273-token prompt arriving while 4 stream: its time to first token
-      is about the same (deterministic 7-12 s, mixed 7-13 s), but the longest pause of a
-      running stream falls from the whole prefill (7-12 s) to 1.4-1.9 s at chunks of 32,
-      2.0-3.0 s at 64, 4.5-4.7 s at 128.
+    ``deterministic=True``. What each costs: about the same throughput when requests
+    arrive together; when a long prompt arrives while others stream, its time to first
+    token is about the same, but the longest pause of a running stream shrinks from its
+    whole prefill to a few chunk-sized steps (3-4x shorter at the default chunk on the
+    development machine).
 
     ``prefill_chunk=64`` (the default) keeps that pause a few times shorter than the
     prefill without making the new request wait noticeably longer.
