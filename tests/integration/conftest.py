@@ -1,9 +1,10 @@
 """Fixtures the server test modules share: one lab server per module on the real default
-model (1 thread, 2 slots), and the official ``openai`` client pointed at it. A module that
-needs other settings defines its own ``base_url``."""
+model (1 thread, 2 slots), and the official ``openai`` client and a plain ``httpx`` client
+pointed at it. A module that needs other settings defines its own ``base_url``."""
 
 from __future__ import annotations
 
+import httpx
 import pytest
 from openai import OpenAI
 
@@ -23,3 +24,10 @@ def base_url(tmp_path_factory):
 @pytest.fixture
 def client(base_url):
     return OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=180)
+
+
+@pytest.fixture
+def http(base_url):
+    """Raw HTTP to the module's server, for headers and exact bytes."""
+    with httpx.Client(base_url=base_url, timeout=180) as client:
+        yield client

@@ -25,12 +25,6 @@ def base_url(tmp_path_factory):
         yield url
 
 
-@pytest.fixture
-def http(base_url):
-    with httpx.Client(base_url=base_url, timeout=120) as client:
-        yield client
-
-
 def metric(http, name: str) -> float:
     for line in http.get("/metrics").text.splitlines():
         if line.startswith(name + " "):

@@ -39,12 +39,6 @@ def base_url(tmp_path_factory):
         yield url
 
 
-@pytest.fixture
-def http(base_url):
-    with httpx.Client(base_url=base_url, timeout=180) as client:
-        yield client
-
-
 def listed(http) -> dict[str, dict]:
     return {m["id"]: m for m in http.get("/v1/models").json()["data"]}
 
