@@ -323,18 +323,6 @@ class ModelService:
             return self.settings.model or get_settings().default_model
         return self.spec.name if self.spec.default else self.spec.ref
 
-    def check_chat_model(self, name: str | None) -> None:
-        """Accept the served model's name or ``name:tag`` (or no name); 404 for anything else."""
-        if name in (None, "", self.model_id) or (self.spec and name == self.spec.ref):
-            return
-        raise APIError(
-            404,
-            f"Unknown model {name!r}: this server serves {self.model_id!r} for chat. "
-            "GET /v1/models lists what it serves; start it with --model NAME for another.",
-            param="model",
-            code="model_not_found",
-        )
-
     # --- limits ---------------------------------------------------------------------
 
     def prompt_ids(
