@@ -230,6 +230,11 @@ class ToolCall:
     name: str
     arguments: str
 
+    @classmethod
+    def new(cls, name: str, arguments: Any) -> ToolCall:
+        """A call of ``name`` with ``arguments`` (a JSON value) and a fresh id."""
+        return cls("call_" + secrets.token_hex(12), name, json.dumps(arguments))
+
     def to_openai(self) -> dict:
         """The OpenAI ``tool_calls`` entry for this call."""
         return {
@@ -288,9 +293,8 @@ def tool_reply_schema(tools: list[Tool], choice: str = "auto", parallel: bool = 
         if choice == "required":
             raise ValueError("tool_choice 'required' needs at least one tool")
         return response
-    defs: dict = {}
-    calls = [_call_schema(t, defs) for t in tools if choice in ("auto", "required", t.name)]
-    call = calls[0] if len(calls) == 1 else {"anyOf": calls}
+    call = call_schema(tools, choice)
+    defs = call.pop("$defs", None)
     calls_array = {"type": "array", "items": call, "minItems": 1}
     if not parallel:
         calls_array["maxItems"] = 1
@@ -303,6 +307,16 @@ def tool_reply_schema(tools: list[Tool], choice: str = "auto", parallel: bool = 
     if defs:
         schema["$defs"] = defs
     return schema
+
+
+def call_schema(tools: list[Tool], choice: str = "auto") -> dict:
+    """The JSON schema of one call ``{"name": ..., "arguments": {...}}`` of a tool ``choice``
+    allows ("auto" or "required": any of ``tools``; a name: that tool), with the tools'
+    ``$defs`` at its root."""
+    defs: dict = {}
+    calls = [_call_schema(t, defs) for t in tools if choice in ("auto", "required", t.name)]
+    schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
+    return {**schema, "$defs": defs} if defs else schema
 
 
 def _call_schema(tool: Tool, defs: dict) -> dict:
@@ -371,16 +385,11 @@ def prepare_messages(messages: list[dict], tools: list[Tool] | None) -> list[dic
     out: list[dict] = []
     for i, message in enumerate(messages):
         role = message.get("role")
-        content = _text(message.get("content"))
+        content = text_of(message.get("content"))
         if role == "assistant" and message.get("tool_calls"):
             content = _calls_json(message["tool_calls"], calls, i)
         elif role == "tool":
-            call_id = message.get("tool_call_id")
-            if call_id not in calls:
-                raise ValueError(
-                    f"messages[{i}]: tool result for tool_call_id {call_id!r} matches no "
-                    "earlier assistant tool call"
-                )
+            call_id = check_tool_result(message, calls, i)
             role, content = "user", f"Result of tool {calls[call_id]} (call {call_id}):\n{content}"
         if out and out[-1]["role"] == role:
             out[-1]["content"] += "\n\n" + content
@@ -395,7 +404,7 @@ def prepare_messages(messages: list[dict], tools: list[Tool] | None) -> list[dic
     return out
 
 
-def _text(content: Any) -> str:
+def text_of(content: Any) -> str:
     """Message content as text (OpenAI also sends a list of ``{"type": "text"}`` parts)."""
     if content is None:
         return ""
@@ -407,17 +416,38 @@ def _text(content: Any) -> str:
 def _calls_json(tool_calls: list[dict], calls: dict[str, str], i: int) -> str:
     entries = []
     for call in tool_calls:
-        function = call.get("function") or {}
-        arguments = function.get("arguments") or "{}"
-        try:
-            parsed = json.loads(arguments) if isinstance(arguments, str) else arguments
-        except json.JSONDecodeError:
-            raise ValueError(
-                f"messages[{i}]: tool call arguments are not JSON: {arguments!r}"
-            ) from None
-        calls[call.get("id")] = function.get("name", "")
-        entries.append({"name": function.get("name", ""), "arguments": parsed})
+        name, arguments = call_arguments(call, i)
+        calls[call.get("id")] = name
+        entries.append({"name": name, "arguments": arguments})
     return json.dumps({"tool_calls": entries})
+
+
+def call_arguments(call: dict, i: int) -> tuple[str, Any]:
+    """The name and parsed arguments of an assistant message's OpenAI tool call (messages[i]).
+
+    Raises ValueError when the arguments are not JSON.
+    """
+    function = call.get("function") or {}
+    arguments = function.get("arguments") or "{}"
+    try:
+        parsed = json.loads(arguments) if isinstance(arguments, str) else arguments
+    except json.JSONDecodeError:
+        raise ValueError(
+            f"messages[{i}]: tool call arguments are not JSON: {arguments!r}"
+        ) from None
+    return function.get("name", ""), parsed
+
+
+def check_tool_result(message: dict, calls: dict[str, str], i: int) -> str:
+    """The ``tool_call_id`` of a ``role: "tool"`` message (messages[i]), checked against the
+    calls made so far (id -> tool name). Raises ValueError when it answers none of them."""
+    call_id = message.get("tool_call_id")
+    if call_id not in calls:
+        raise ValueError(
+            f"messages[{i}]: tool result for tool_call_id {call_id!r} matches no "
+            "earlier assistant tool call"
+        )
+    return call_id
 
 
 def parse_tool_reply(text: str) -> tuple[str | None, list[ToolCall]]:
@@ -432,11 +462,7 @@ def parse_tool_reply(text: str) -> tuple[str | None, list[ToolCall]]:
         return text, []
     if isinstance(value, dict) and isinstance(value.get("tool_calls"), list):
         calls = [
-            ToolCall(
-                id="call_" + secrets.token_hex(12),
-                name=str(call.get("name", "")),
-                arguments=json.dumps(call.get("arguments", {})),
-            )
+            ToolCall.new(str(call.get("name", "")), call.get("arguments", {}))
             for call in value["tool_calls"]
             if isinstance(call, dict)
         ]

@@ -4,6 +4,7 @@ LLM_USER_PATH), so no test reads or writes the learner's real catalog, stores or
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -38,3 +39,51 @@ def lab_home(tmp_path, monkeypatch):
     # choice (tests/unit/test_batch_format.py, test_batch_process.py), which unset this.
     monkeypatch.setenv("LLMLAB_EXACT_MODEL", "1")
     return home
+
+
+HERMES_TEMPLATE = Path(__file__).parent / "data" / "qwen2_5_tools_template.jinja"
+
+
+@pytest.fixture(scope="session")
+def hermes_template() -> str:
+    """Qwen2.5-Instruct's chat template: tools in ``<tools>``, calls in ``<tool_call>``."""
+    return HERMES_TEMPLATE.read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def hermes_model(tmp_path_factory, hermes_template):
+    """A copy of the default model's GGUF whose chat template is :func:`hermes_template`
+    (no model the lab runs here ships a tool-aware template); made once per test run."""
+    import gguf
+
+    from llmlab import registry
+
+    source = registry.resolve(None).path
+    target = tmp_path_factory.mktemp("hermes-model") / "smollm2-hermes-tools.gguf"
+    reader = gguf.GGUFReader(source)
+    arch = reader.get_field(gguf.Keys.General.ARCHITECTURE).contents()
+    writer = gguf.GGUFWriter(target, arch=arch, endianess=reader.endianess)
+    for field in reader.fields.values():
+        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
+            continue  # written by GGUFWriter itself
+        if field.name == gguf.Keys.Tokenizer.CHAT_TEMPLATE:
+            continue
+        kind = field.types[0]
+        sub_type = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), kind, sub_type=sub_type)
+    writer.add_chat_template(hermes_template)
+    for tensor in reader.tensors:
+        writer.add_tensor_info(
+            tensor.name,
+            tensor.data.shape,
+            tensor.data.dtype,
+            tensor.data.nbytes,
+            tensor.tensor_type,
+        )
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for tensor in reader.tensors:
+        writer.write_tensor_data(tensor.data, tensor_endianess=reader.endianess)
+    writer.close()
+    return target

@@ -174,11 +174,17 @@ class LlamaContext:
         """Whether ``token`` ends generation (end of turn, end of text)."""
         return bool(self._ll.llama_vocab_is_eog(self._vocab, token))
 
-    def apply_chat_template(self, messages: list[Message]) -> str:
-        """The prompt text for ``messages``: the GGUF file's own template, rendered with
-        llama-cpp-python's Jinja2 formatter exactly as the llama.cpp backend renders it."""
+    @property
+    def chat_template(self) -> str | None:
+        """The GGUF file's chat template (Jinja2 text), or None."""
+        return self._meta("tokenizer.chat_template")
+
+    def apply_chat_template(self, messages: list[Message], tools: list[dict] | None = None) -> str:
+        """The prompt text for ``messages`` (and ``tools``, OpenAI entries the template may
+        render): the GGUF file's own template, rendered with llama-cpp-python's Jinja2
+        formatter exactly as the llama.cpp backend renders it."""
         if self._formatter is None:
-            template = self._meta("tokenizer.chat_template")
+            template = self.chat_template
             if not template:
                 raise EngineError(
                     f"{self.spec.ref} has no chat template; submit Request.completion(...)."
@@ -191,7 +197,7 @@ class LlamaContext:
                 ll.llama_vocab_get_text(vocab, bos).decode() if bos >= 0 else "",
                 add_generation_prompt=True,
             )
-        return self._formatter(messages=messages).prompt
+        return self._formatter(messages=messages, tools=tools).prompt
 
     def sampler(self, params: GenerationParams, gbnf: str | None = None) -> SlotSampler:
         """A new llama.cpp sampler chain for one sequence (ValueError if ``gbnf`` does not parse)."""

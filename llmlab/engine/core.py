@@ -262,10 +262,16 @@ class Engine:
             data = b"".join(self._ctx.token_bytes(int(t)) for t in ids)
         return data.decode("utf-8", "replace")
 
-    def apply_chat_template(self, messages: list[Message]) -> str:
-        """The prompt text for ``messages``: the GGUF file's own template, rendered with
-        llama-cpp-python's Jinja2 formatter exactly as the llama.cpp backend renders it."""
-        return self._ctx.apply_chat_template(messages)
+    @property
+    def chat_template(self) -> str | None:
+        """The GGUF file's chat template (Jinja2 text), or None if it has none."""
+        return self._ctx.chat_template
+
+    def apply_chat_template(self, messages: list[Message], tools: list[dict] | None = None) -> str:
+        """The prompt text for ``messages`` (and ``tools``, for a template that renders them):
+        the GGUF file's own template, rendered with llama-cpp-python's Jinja2 formatter
+        exactly as the llama.cpp backend renders it."""
+        return self._ctx.apply_chat_template(messages, tools)
 
     def prompt_tokens(self, request: Request) -> list[int]:
         """The token ids a request starts from (template applied for chats, BOS as the model wants).
@@ -287,7 +293,8 @@ class Engine:
     def _prompt_tokens(self, request: Request) -> list[int]:
         if request.messages is not None:
             # The template writes BOS itself where the model wants one.
-            return self.tokenize(self.apply_chat_template(request.messages), special=True)
+            prompt = self.apply_chat_template(request.messages, request.tools)
+            return self.tokenize(prompt, special=True)
         return self.tokenize(request.prompt or "", add_bos=self._ctx.add_bos)
 
     # --- submission ------------------------------------------------------------------

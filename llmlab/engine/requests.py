@@ -42,6 +42,9 @@ class Request:
 
     ``lora``: ``{"adapter name": scale}`` of adapters the engine loaded
     (``Engine(adapters=...)``); ``None`` or ``{}`` runs the base model.
+
+    ``tools``: OpenAI tool entries handed to the chat template (for a template that renders
+    tools itself, see :mod:`llmlab.tool_formats`); ``None``: the template gets none.
     """
 
     messages: list[Message] | None = None
@@ -50,6 +53,7 @@ class Request:
     grammar: str | None = None  # GBNF text (rule ``root``): only tokens it allows are sampled
     logprobs: int | None = None
     lora: dict[str, float] | None = None
+    tools: list[dict] | None = None
 
     @classmethod
     def chat(
@@ -59,6 +63,7 @@ class Request:
         *,
         logprobs: int | None = None,
         lora: dict[str, float] | None = None,
+        tools: list[dict] | None = None,
         **params,
     ) -> Request:
         """A chat request, e.g. ``Request.chat(msgs, max_tokens=64, temperature=0)``."""
@@ -68,6 +73,7 @@ class Request:
             grammar=grammar,
             logprobs=logprobs,
             lora=lora,
+            tools=tools,
         )
 
     @classmethod

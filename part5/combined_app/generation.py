@@ -15,10 +15,12 @@ Several choices of one prompt (OpenAI's ``n``), logprobs and LoRA adapters come 
 ``(index, piece)`` pairs. Each choice is read as a single reply is (tools parsed the same way).
 
 Structured output is held by grammars (``llmlab.structured``): a JSON schema becomes a grammar
-with llama.cpp's converter; tools use the generic format (the whole reply is JSON, a call or
-a text response), held by a grammar built from the tools' parameter schemas. A reply in the
-tool format must be parsed whole before it can be told apart from a text answer, so with
-tools a stream sends the reply (text or calls) once it is finished.
+with llama.cpp's converter. Tools go in the model's tool format (``llmlab.tool_formats``, chosen
+once per model from its chat template): its template's own ``<tool_call>`` format where it
+knows tools, else the generic format (the whole reply is JSON, a call or a text response),
+either held by a grammar built from the tools' parameter schemas. A reply with tools must be
+parsed whole before it can be told apart from a text answer, so with tools a stream sends the
+reply (text or calls) once it is finished.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from sse_starlette import EventSourceResponse
 
 from llmlab import structured
 from llmlab.backends.base import Chunk, GenerationParams, Message, TokenLogprob, Usage
+from llmlab.tool_formats import GENERIC, ToolFormat
 from part5.combined_app import jsonmode
 from part5.combined_app.config import ServerSettings
 from part5.combined_app.errors import APIError, error_body
@@ -133,14 +136,16 @@ class Where:
 
 @dataclass
 class ChatJob:
-    """What to run: the prompt's messages, sampling, the grammar that holds the reply, and
-    the tools when the reply is in the generic tool format."""
+    """What to run: the prompt's messages (and the tools its template renders), sampling,
+    the grammar that holds the reply, and the tools and format when the reply may call them."""
 
     messages: list[Message]
     params: GenerationParams
     grammar: str | None = None
     tools: list[structured.Tool] = field(default_factory=list)
     options: Options = field(default_factory=Options)
+    template_tools: list[dict[str, Any]] | None = None
+    tool_format: ToolFormat = GENERIC
 
 
 def plan_chat(
@@ -154,20 +159,30 @@ def plan_chat(
     parallel_tool_calls: bool = True,
     where: Where | None = None,
     options: Options | None = None,
+    tool_format: ToolFormat = GENERIC,
 ) -> ChatJob:
     """A :class:`ChatJob` for OpenAI-shaped ``messages`` (assistant ``tool_calls`` and ``tool``
     results included). ``schema`` (or ``json_object``) holds the reply to JSON; ``tools``
     (OpenAI's ``{"type": "function", "function": {...}}`` entries) with ``tool_choice``
-    ``auto``, ``required`` or a tool's name hold it to the tool format (``none``: plain text),
-    with one call at most unless ``parallel_tool_calls``. ``options``: choices, logprobs,
-    adapters (default: one choice, the base model).
+    ``auto``, ``required`` or a tool's name hold it to ``tool_format`` (the model's, see
+    ``ModelService.tool_format``; ``none``: plain text), with one call at most unless
+    ``parallel_tool_calls``. ``options``: choices, logprobs, adapters (default: one choice,
+    the base model).
 
     Raises a 400 :class:`APIError` naming the field for a schema the converter cannot hold,
     an unknown tool name, or a tool result that answers no call.
     """
     where = where or Where()
     job = _plan(
-        messages, params, json_object, schema, tools, tool_choice, parallel_tool_calls, where
+        messages,
+        params,
+        json_object,
+        schema,
+        tools,
+        tool_choice,
+        parallel_tool_calls,
+        tool_format,
+        where,
     )
     job.options = options or Options()
     return job
@@ -181,6 +196,7 @@ def _plan(
     tools: list[dict[str, Any]] | None,
     tool_choice: str,
     parallel_tool_calls: bool,
+    fmt: ToolFormat,
     where: Where,
 ) -> ChatJob:
     try:
@@ -201,14 +217,16 @@ def _plan(
         )
     active = known if tool_choice != "none" else []
     try:
-        prepared = structured.prepare_messages(messages, active or None)
+        prepared, template_tools = fmt.prepare(messages, active or None)
     except ValueError as exc:
         raise APIError(400, f"Invalid messages: {exc}.", param=where.messages) from exc
     if active:
         grammar = _grammar(
-            lambda: structured.tool_grammar(active, tool_choice, parallel_tool_calls), where.tools
+            lambda: fmt.grammar(active, tool_choice, parallel_tool_calls), where.tools
         )
-        return ChatJob(prepared, params, grammar, active)
+        return ChatJob(
+            prepared, params, grammar, active, template_tools=template_tools, tool_format=fmt
+        )
     if schema is not None:
         grammar = _grammar(lambda: structured.grammar_for_schema(schema), where.schema)
         return ChatJob(jsonmode.with_instruction(prepared, schema), params, grammar)
@@ -240,10 +258,14 @@ async def start_choices(
     service: ModelService, job: ChatJob, param: str = "messages"
 ) -> list[Generation]:
     """As :func:`start_chat`, for every choice of the job (``job.options.n``)."""
-    prompt_tokens = len(await run_in_threadpool(service.prompt_ids, messages=job.messages))
-    service.check_limits(prompt_tokens, job.params.max_tokens, param)
+    ids = await run_in_threadpool(service.prompt_ids, job.messages, tools=job.template_tools)
+    service.check_limits(len(ids), job.params.max_tokens, param)
     return await service.submit_choices(
-        messages=job.messages, params=job.params, grammar=job.grammar, **vars(job.options)
+        messages=job.messages,
+        params=job.params,
+        grammar=job.grammar,
+        tools=job.template_tools,
+        **vars(job.options),
     )
 
 
@@ -354,7 +376,7 @@ class _Pieces:
         usage = last.usage or Usage()
         if job is None or not job.tools or last.finish_reason == "length":
             return Reply(text, [], finish_reason(last.finish_reason), usage, self.logprobs)
-        content, calls = structured.parse_tool_reply(text)
+        content, calls = job.tool_format.parse(text)
         return Reply(content, calls, "tool_calls" if calls else "stop", usage, self.logprobs)
 
 

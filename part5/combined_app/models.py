@@ -376,6 +376,7 @@ class ModelPool:
             if entry is not None and entry.keep_alive != float("inf"):
                 left = max(0.0, entry.keep_alive - (now - entry.last_used))
             spec = self.default.spec if name == self.default.model_id else self._specs.get(name)
+            service = self.default if name == self.default.model_id else entry and entry.service
             out.append(
                 {
                     "id": name,
@@ -385,6 +386,10 @@ class ModelPool:
                     "estimated_memory_bytes": self.estimate(name),
                     "aliases": sorted(a for a in self.aliases if self._canonical(a) == name),
                     "unloads_in_seconds": left,
+                    # How tools reach it (llmlab.tool_formats), known once it is loaded.
+                    "tool_format": service.tool_format.name
+                    if service and service.status == "ok"
+                    else None,
                 }
             )
         return out

@@ -39,6 +39,7 @@ from llmlab.backends.base import (
 from llmlab.backends.engine_backend import EngineBackend
 from llmlab.engine import Engine, EngineError, Handle, QueueFullError, Request
 from llmlab.settings import get_settings
+from llmlab.tool_formats import GENERIC, ToolFormat, tool_format
 from part5.combined_app.config import ServerSettings
 from part5.combined_app.errors import APIError
 
@@ -180,6 +181,7 @@ class ModelService:
         self.spec: registry.ModelSpec | None = None
         self._given_spec = spec  # resolved by the caller (server.py's batch-friendly choice)
         self.engine: Engine | None = None
+        self.tool_format: ToolFormat = GENERIC  # how tools reach the model (its template's)
         self.require_chat = True  # extra models of a multi-model server may be completion-only
         self._stopping = threading.Event()
         self._recovery: threading.Thread | None = None
@@ -200,6 +202,8 @@ class ModelService:
                     f"{', '.join(self.spec.capabilities)}). Serve a chat model with --model."
                 )
             self.engine = self._new_engine()
+            self.tool_format = tool_format(self.engine.chat_template)
+            log.info("%s: tool calls in the %s format.", self.model_id, self.tool_format.name)
             self.status = "ok"
         except Exception as exc:  # reported by /health and every model route
             self.error = str(exc)
@@ -326,14 +330,19 @@ class ModelService:
     # --- limits ---------------------------------------------------------------------
 
     def prompt_ids(
-        self, messages: list[Message] | None = None, prompt: str | None = None
+        self,
+        messages: list[Message] | None = None,
+        prompt: str | None = None,
+        tools: list[dict] | None = None,
     ) -> list[int]:
-        """Token ids the model will read for ``messages`` (chat template) or a raw ``prompt``.
+        """Token ids the model will read for ``messages`` (chat template, given ``tools``
+        when it renders them) or a raw ``prompt``.
 
         Blocking (it waits for a decode step): routes call it with ``run_in_threadpool``.
         """
+        request = Request(messages=messages, prompt=prompt, tools=tools)
         try:
-            return self.require_ready().prompt_tokens(Request(messages=messages, prompt=prompt))
+            return self.require_ready().prompt_tokens(request)
         except EngineError as exc:  # closed under us: a reload has begun
             raise self.unavailable(exc) from exc
 
@@ -430,10 +439,11 @@ class ModelService:
         n: int = 1,
         logprobs: int | None = None,
         lora: dict[str, float] | None = None,
+        tools: list[dict] | None = None,
     ) -> list[Generation]:
         """Queue ``n`` choices of one prompt (prefilled once), one :class:`Generation` each,
-        with ``logprobs`` and ``lora`` adapters as :class:`llmlab.engine.Request` takes them;
-        errors as :meth:`submit`."""
+        with ``logprobs``, ``lora`` adapters and template ``tools`` as
+        :class:`llmlab.engine.Request` takes them; errors as :meth:`submit`."""
         engine = self.require_ready()
         generations = [Generation(self._mailbox()) for _ in range(n)]
         request = Request(
@@ -443,6 +453,7 @@ class ModelService:
             grammar=grammar,
             logprobs=logprobs,
             lora=lora,
+            tools=tools,
         )
 
         def on_chunk(chunk: Chunk) -> None:

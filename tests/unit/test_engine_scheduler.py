@@ -66,7 +66,7 @@ class FakeContext:
     def tokenize(self, text: str, add_bos: bool = False, special: bool = False) -> list[int]:
         return list(text.encode())
 
-    def apply_chat_template(self, messages) -> str:
+    def apply_chat_template(self, messages, tools=None) -> str:
         return "".join(m["content"] for m in messages)
 
     def sampler(self, params: GenerationParams, gbnf: str | None = None) -> SlotSampler:

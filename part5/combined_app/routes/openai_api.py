@@ -305,6 +305,7 @@ def _chat_job(body: ChatCompletionRequest, service: ModelService) -> ChatJob:
         tool_choice=choice if isinstance(choice, str) else choice.function.name,
         parallel_tool_calls=body.parallel_tool_calls is not False,
         options=choice_options(body, service.settings),
+        tool_format=service.tool_format,
     )
 
 
@@ -398,6 +399,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
             job.params,
             model=name,
             messages=job.messages,
+            tools=job.template_tools,
             grammar=job.grammar,
             options=job.options,
             stream=[body.stream, include_usage],

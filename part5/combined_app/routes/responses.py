@@ -27,7 +27,6 @@ from fastapi.responses import Response
 
 from llmlab.structured import ToolCall
 from part5.combined_app import replies
-from part5.combined_app.config import ServerSettings
 from part5.combined_app.errors import APIError
 from part5.combined_app.errors import responses as error_responses
 from part5.combined_app.generation import (
@@ -55,6 +54,7 @@ from part5.combined_app.schemas import (
     ResponsesRequest,
     TextRoute,
 )
+from part5.combined_app.service import ModelService
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"], route_class=TextRoute)
 
@@ -91,7 +91,7 @@ def _messages(body: ResponsesRequest) -> list[dict[str, Any]]:
     return out
 
 
-def _job(body: ResponsesRequest, settings: ServerSettings) -> ChatJob:
+def _job(body: ResponsesRequest, service: ModelService) -> ChatJob:
     format_ = body.text.format if body.text else None
     choice = body.tool_choice or "auto"
     tools = [
@@ -105,13 +105,14 @@ def _job(body: ResponsesRequest, settings: ServerSettings) -> ChatJob:
     ]
     return plan_chat(
         _messages(body),
-        sampling_params(body, settings),
+        sampling_params(body, service.settings),
         json_object=isinstance(format_, JSONObjectFormat),
         schema=format_.schema_ if isinstance(format_, ResponseJSONSchema) else None,
         tools=tools,
         tool_choice=choice if isinstance(choice, str) else choice.name,
         parallel_tool_calls=body.parallel_tool_calls is not False,
         where=WHERE,
+        tool_format=service.tool_format,
     )
 
 
@@ -330,7 +331,7 @@ async def create_response(body: ResponsesRequest, request: Request):
             param="previous_response_id",
         )
     async with pool.use(name, None) as service:
-        job = _job(body, service.settings)
+        job = _job(body, service)
         generation = await start_chat(service, job, param="input")
     metrics.routed.labels(model=name, via=via).inc()
     ids = _Ids()
