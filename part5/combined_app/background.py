@@ -18,6 +18,7 @@ from collections.abc import Iterator
 import httpx
 import uvicorn
 
+from llmlab import registry
 from part5.combined_app.app import create_app
 from part5.combined_app.config import ServerSettings
 
@@ -28,17 +29,19 @@ def running_server(
     port: int = 0,
     timeout: float = 120.0,
     wait_ready: bool = True,
+    spec: registry.ModelSpec | None = None,
 ) -> Iterator[str]:
     """Serve the app on 127.0.0.1 (``port`` 0: a free one); yields ``http://127.0.0.1:PORT``.
 
     With ``wait_ready`` it returns only when ``/health`` answers ok (the model is loaded).
+    ``spec``: the resolved model to serve, as :func:`create_app` takes it.
 
     Raises:
         RuntimeError: the server did not start, or the model did not load, within ``timeout``.
     """
     settings = (settings or ServerSettings()).model_copy(update={"host": "127.0.0.1"})
     config = uvicorn.Config(
-        create_app(settings),
+        create_app(settings, spec=spec),
         host="127.0.0.1",
         port=port,
         log_level="warning",
