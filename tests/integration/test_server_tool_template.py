@@ -82,6 +82,33 @@ def test_sampled_required_replies_are_valid_calls(client, seed):
         _arguments(call)
 
 
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_with_auto_a_sampled_reply_is_text_or_text_then_valid_calls(client, seed):
+    reply = client.chat.completions.create(
+        **{**REQUIRED, "tool_choice": "auto", "temperature": 1.0, "seed": seed, "max_tokens": 120}
+    )
+    choice = reply.choices[0]
+    if choice.finish_reason == "tool_calls":
+        for call in choice.message.tool_calls:
+            _arguments(call)
+    else:  # text (a reply cut short by max_tokens is returned as it is)
+        assert choice.message.tool_calls is None
+        if choice.finish_reason == "stop":  # the grammar keeps the tag for calls
+            assert "<tool_call>" not in choice.message.content
+
+
+def test_the_responses_api_gets_function_calls_in_the_native_format(client):
+    tool = {"type": "function", **ADD["function"]}
+    response = client.responses.create(
+        model=MODEL, input=ASK[0]["content"], tools=[tool], tool_choice="required",
+        max_output_tokens=80, temperature=0,
+    )  # fmt: skip
+    calls = [item for item in response.output if item.type == "function_call"]
+    assert calls and all(c.name == "add" for c in calls)
+    for call in calls:
+        jsonschema.validate(json.loads(call.arguments), ADD["function"]["parameters"])
+
+
 def test_a_streamed_call_reassembles_into_the_greedy_reply(client):
     whole = client.chat.completions.create(**REQUIRED).choices[0]
     calls: dict[int, dict] = {}
