@@ -81,7 +81,7 @@ class HermesFormat:
         calls: dict[str, str] = {}
         out = []
         for i, message in enumerate(messages):
-            message = {**message, "content": _content(message)}
+            message = {**message, "content": structured.text_of(message.get("content"))}
             if message.get("tool_calls"):
                 message["tool_calls"] = [
                     _call_for_template(c, calls, i) for c in message["tool_calls"]
@@ -92,15 +92,19 @@ class HermesFormat:
         return out, [t.to_openai() for t in tools] if tools else None
 
     def grammar(self, tools: list[Tool], choice: str, parallel: bool) -> str:
-        """GBNF of a reply: text then calls (``auto``) or calls only (``required``, a name);
-        one call at most unless ``parallel``. Raises SchemaError as the generic format does."""
+        """GBNF of a reply: text then calls (``auto``), calls only (``required``, a name) or
+        text only (``none``); one call at most unless ``parallel``. Raises ValueError and
+        SchemaError as the generic format does."""
         structured.tool_reply_schema(tools, choice)  # the same checks of choice and tools
+        text = _text_without(OPEN, "tool-text")
+        if choice == "none" or not tools:
+            return "\n".join([*text, "root ::= tool-text"]) + "\n"
         call_json = structured.grammar_for_schema(structured.call_schema(tools, choice))
         call_json = re.sub(r"^root ::=", "tool-call-json ::=", call_json, flags=re.M)
         call = f'"{_gbnf(OPEN)}\\n" tool-call-json "\\n{_gbnf(CLOSE)}"'
         rules = [call_json, f"tool-calls ::= {call}" + (f' ("\\n" {call})*' if parallel else "")]
         if choice == "auto":
-            rules += [*_text_without(OPEN, "tool-text"), "root ::= tool-text tool-calls?"]
+            rules += [*text, "root ::= tool-text tool-calls?"]
         else:
             rules.append("root ::= tool-calls")
         return "\n".join(rules) + "\n"
@@ -112,7 +116,8 @@ class HermesFormat:
         if start < 0:
             return text, []
         calls = []
-        for body in re.findall(rf"{OPEN}\s*(.*?)\s*{CLOSE}", text[start:], flags=re.S):
+        blocks = rf"{re.escape(OPEN)}\s*(.*?)\s*{re.escape(CLOSE)}"
+        for body in re.findall(blocks, text[start:], flags=re.S):
             try:
                 value = json.loads(body)
             except json.JSONDecodeError:
@@ -149,11 +154,6 @@ def render_prompt(
 
     formatter = gguf_chat_formatter(template, eos_token, bos_token, add_generation_prompt=True)
     return formatter(messages=messages, tools=tools).prompt
-
-
-def _content(message: dict) -> str | None:
-    content = message.get("content")
-    return None if content is None else structured.text_of(content)
 
 
 def _call_for_template(call: dict, calls: dict[str, str], i: int) -> dict:

@@ -62,6 +62,12 @@ def test_the_template_renders_the_tools_the_call_and_its_result(hermes_template)
     assert CONVERSATION[1]["tool_calls"][0]["function"]["arguments"] == '{"a": 2, "b": 3}'
 
 
+def test_content_in_parts_becomes_text_for_the_template():
+    parts = [{"type": "text", "text": "What is "}, {"type": "text", "text": "2 + 3?"}]
+    messages, tools = HERMES.prepare([{"role": "user", "content": parts}], None)
+    assert messages == [{"role": "user", "content": "What is 2 + 3?"}] and tools is None
+
+
 def test_a_tool_result_that_answers_no_call_is_refused():
     with pytest.raises(ValueError, match=r"messages\[1\]: tool result for tool_call_id 'x'"):
         HERMES.prepare(
@@ -76,6 +82,7 @@ def test_a_tool_result_that_answers_no_call_is_refused():
         ("required", True, {"call", "calls"}),
         ("required", False, {"call"}),
         ("add", True, {"call"}),
+        ("none", True, {"text"}),
     ],
 )
 def test_the_grammar_allows_what_the_choice_allows(accepts, choice, parallel, allowed):  # noqa: F811
