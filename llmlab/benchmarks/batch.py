@@ -12,6 +12,11 @@ the default model, all cores and the same per-sequence context:
   and the lab's llama.cpp backend use by default, so the engine's gain can also be read
   against a loop on the same kernel.
 
+Then whole processes, as a user runs them (start-up, model load and writing included):
+``part3/batch_process.py --parallel 8`` in its default configuration (the batch-friendly
+format it picks, see :mod:`llmlab.registry.batch_format`) against a plain script that loops
+over llama-cpp-python on the shipped file and on the file ``batch_process.py`` chose.
+
 Each side runs in a fresh process (:func:`llmlab.bench.isolated`), so no side inherits
 another's threads. Aggregate tokens/s is completion tokens over wall time, prompt prefill
 included. Greedy decoding makes every side generate nearly the same tokens (the two attention kernels
@@ -22,6 +27,13 @@ between consecutive calls. Each side gets a warm-up request first.
 """
 
 from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
 
 from llmlab import registry
 from llmlab.bench import Row, isolated, timer
@@ -64,6 +76,21 @@ TOPICS = [
     "a harbour",
 ]
 N_CTX = 512
+REPO = Path(__file__).resolve().parents[2]
+# The plain script a learner writes first, run as its own process: load, loop, exit.
+LOOP_SCRIPT = """
+import json, sys
+from llama_cpp import Llama
+path, prompts, max_tokens, threads, n_ctx = sys.argv[1:6]
+llm = Llama(model_path=path, n_ctx=int(n_ctx), n_threads=int(threads), verbose=False)
+if "tokenizer.chat_template" in llm.metadata:
+    llm.chat_format = "chat_template.default"
+tokens = 0
+for line in open(prompts):
+    reply = llm.create_chat_completion(json.loads(line)["messages"], max_tokens=int(max_tokens), temperature=0)
+    tokens += reply["usage"]["completion_tokens"]
+print(tokens)
+"""
 
 
 def prompts(n: int) -> list[list[dict[str, str]]]:
@@ -110,9 +137,63 @@ def _engine(
         return t.seconds, sum(r.usage.completion_tokens for r in results)
 
 
+def _timed(command: list[str]) -> tuple[float, str]:
+    """Wall seconds of a whole process and its stdout; a failed run raises with its stderr."""
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"{command[1]} failed ({done.returncode}):\n{done.stderr[-2000:]}")
+    return seconds, done.stdout
+
+
+def whole_process_rows(chats: list, max_tokens: int, parallel: int, threads: int) -> list[Row]:
+    """``batch_process.py`` in its default configuration against plain-loop scripts over the
+    shipped file and over the file it chose, each timed as a whole process on the same prompts.
+    (With ``LLMLAB_EXACT_MODEL=1`` both are the shipped file, and it is looped over once.)"""
+    from llmlab.registry import batch_format
+
+    shipped = registry.resolve()
+    # Made (once) before the clock starts: a first run's quantizing is not the steady state.
+    chosen = batch_format.choose(shipped, say=lambda message: None).spec
+    note = f"{len(chats)} prompts x {max_tokens} new tokens, greedy, {threads} threads, "
+    note += "whole process"
+    with tempfile.TemporaryDirectory() as tmp:
+        prompts_file, output = Path(tmp, "prompts.jsonl"), Path(tmp, "out.jsonl")
+        prompts_file.write_text("".join(json.dumps({"messages": m}) + "\n" for m in chats))
+        loops = []
+        for label, spec in (("shipped ", shipped), ("", chosen)):
+            if loops and spec.path == shipped.path:
+                break
+            seconds, out = _timed(
+                [sys.executable, "-c", LOOP_SCRIPT, str(spec.path), str(prompts_file),
+                 str(max_tokens), str(threads), str(N_CTX)]
+            )  # fmt: skip
+            case = f"plain loop script, {label}{batch_format.source_format(spec)}"
+            loops.append(
+                Row(SUITE, case, "aggregate", int(out.split()[-1]) / seconds, "tok/s", note=note)
+            )
+        seconds, _ = _timed(
+            [sys.executable, "part3/batch_process.py", str(prompts_file), "-o", str(output),
+             "--parallel", str(parallel), "--max-tokens", str(max_tokens), "--temperature", "0",
+             "--n-ctx", str(N_CTX)]
+        )  # fmt: skip
+        tokens = sum(
+            json.loads(line)["usage"]["completion_tokens"]
+            for line in output.read_text().splitlines()
+        )
+    case = f"batch_process.py --parallel {parallel} ({batch_format.source_format(chosen)})"
+    batched = [
+        Row.compared(SUITE, case, "aggregate", tokens / seconds, "tok/s", baseline=loop, note=note)
+        for loop in reversed(loops)
+    ]
+    return [*loops, *batched]
+
+
 def run(quick: bool = False) -> list[Row]:
     """Aggregate tokens/s of the plain loop, the engine at parallel 1 and 8 (4 when quick),
-    and the loop with flash attention, the engine's default kernel."""
+    the loop with flash attention (the engine's default kernel), and ``batch_process.py``
+    against plain-loop scripts as whole processes."""
     n, max_tokens, parallel = (4, 16, 4) if quick else (32, 64, 8)
     threads = get_settings().threads
     chats = prompts(n)
@@ -160,4 +241,5 @@ def run(quick: bool = False) -> list[Row]:
         baseline=loop_fa,
         note=note + " (the engine figure above, against the loop with flash attention)",
     )
-    return [*rows, loop_fa, same_kernel]
+    whole = whole_process_rows(chats, max_tokens, parallel, threads)
+    return [*rows, loop_fa, same_kernel, *whole]

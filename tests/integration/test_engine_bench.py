@@ -9,13 +9,15 @@ from llmlab.benchmarks import batch as batch_bench
 
 @pytest.mark.slow
 def test_quick_batch_suite_reports_the_loop_and_the_engine_side_by_side():
-    rows = batch_bench.run(quick=True)
+    rows = batch_bench.run(quick=True)  # LLMLAB_EXACT_MODEL=1: batch_process runs the Q4_1
     assert [r.case for r in rows] == [
         "llama-cpp-python loop",
         "engine parallel=1",
         "engine parallel=4",
         "llama-cpp-python loop, flash_attn",
         "engine parallel=4, same kernel as the loop",
+        "plain loop script, shipped Q4_1",
+        "batch_process.py --parallel 4 (Q4_1)",
     ]
     assert {r.suite for r in rows} == {"batch"} and {r.unit for r in rows} == {"tok/s"}
     assert all(r.value > 0 for r in rows)
@@ -27,6 +29,9 @@ def test_quick_batch_suite_reports_the_loop_and_the_engine_side_by_side():
     assert rows[4].ratio == pytest.approx(rows[4].value / rows[3].value)
     assert rows[4].value == rows[2].value  # one engine measurement, two baselines
     assert "4 prompts x 16 new tokens" in rows[0].note
+    whole_loop, whole_batch = rows[5:]
+    assert whole_batch.baseline == whole_loop.case and "whole process" in whole_batch.note
+    assert whole_batch.ratio == pytest.approx(whole_batch.value / whole_loop.value)
 
 
 def test_prompts_are_distinct_chats():
