@@ -100,7 +100,12 @@ def has_fact(text: str, fact: str | list[str] | None) -> bool:
 
 @dataclass
 class Graded:
-    """One answer and its grades (``None`` where a grade does not apply)."""
+    """One answer and its grades (``None`` where a grade does not apply).
+
+    ``passages`` are the chunk ids of the sources the model was given, in prompt order
+    (empty when the question was refused before the model ran): two runs that read the
+    same passages differ only in the model.
+    """
 
     question: Question
     text: str
@@ -108,6 +113,7 @@ class Graded:
     best_score: float | None
     fact_hit: bool | None
     citation_right: bool | None
+    passages: tuple[str, ...] = ()
 
 
 @dataclass
@@ -159,7 +165,8 @@ def grade(question: Question, answer: Answer) -> Graded:
         if not refused and answer.cited:
             files = {Path(answer.sources[n - 1].source).name for n in answer.cited}
             citation = files <= set(question.sources)
-    return Graded(question, answer.text, refused, answer.best_score, fact_hit, citation)
+    passages = tuple(hit.chunk_id for hit in answer.sources)
+    return Graded(question, answer.text, refused, answer.best_score, fact_hit, citation, passages)
 
 
 def evaluate_answers(qa: QuestionAnswerer, questions: list[Question]) -> AnswerReport:

@@ -19,8 +19,8 @@ FEE = Question("What is the fee for a lost key fob?", ["membership.md"], "15 eur
 MOON = Question("How many moons does Jupiter have?")
 
 
-def hit(name: str, score: float = 0.5) -> Hit:
-    return Hit("text", f"/docs/{name}", "line 1", score)
+def hit(name: str, score: float = 0.5, chunk_id: str = "") -> Hit:
+    return Hit("text", f"/docs/{name}", "line 1", score, chunk_id=chunk_id)
 
 
 def test_every_answerable_question_has_a_fact_and_the_held_out_set_is_new():
@@ -56,6 +56,14 @@ def test_grades_fact_citation_and_refusal():
         "wrongly_refused": round(1 / 3, 3),
         "citation_accuracy": 0.5,
     }
+
+
+def test_grade_keeps_the_passages_the_model_read_so_two_runs_can_be_compared():
+    given = [hit("membership.md", chunk_id="m-3"), hit("faq.md", chunk_id="f-1")]
+    answer = grade(FEE, Answer(FEE.question, "15 [1].", given, True, [1]))
+    refused = grade(FEE, Answer(FEE.question, NOT_FOUND, [], found=False, best_score=0.2))
+    assert answer.passages == ("m-3", "f-1")
+    assert refused.passages == ()
 
 
 def test_threshold_curve_counts_kept_and_refused_questions():
