@@ -19,10 +19,11 @@ a short reference answer::
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmlab.rag.answer import Answer, QuestionAnswerer
+from llmlab.rag.answer import _CITATION, Answer, QuestionAnswerer
 from llmlab.rag.store import DocumentStore
 
 SAMPLE_DATA = Path(__file__).resolve().parents[2] / "part3" / "data"
@@ -91,11 +92,25 @@ def mean_reciprocal_rank(
 
 
 def has_fact(text: str, fact: str | list[str] | None) -> bool:
-    """True if ``text`` contains the fact (any of its spellings), ignoring case."""
+    """True if ``text`` contains the fact (any of its spellings), ignoring case.
+
+    Citation markers (``[2]``) are not part of the answer, and a number must stand on its
+    own: fact ``"2"`` is not found in ``[2]``, ``12`` or ``2024``.
+    """
     if fact is None:
         return False
+    text = _CITATION.sub(" ", text)
     spellings = [fact] if isinstance(fact, str) else fact
-    return any(s.lower() in text.lower() for s in spellings)
+    return any(re.search(_fact_pattern(s), text, re.IGNORECASE) for s in spellings)
+
+
+def _fact_pattern(spelling: str) -> str:
+    pattern = re.escape(spelling)
+    if spelling[:1].isdigit():
+        pattern = r"(?<!\d)" + pattern
+    if spelling[-1:].isdigit():
+        pattern += r"(?!\d)"
+    return pattern
 
 
 @dataclass

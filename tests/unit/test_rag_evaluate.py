@@ -37,6 +37,16 @@ def test_fact_is_found_in_any_spelling_ignoring_case():
     assert not has_fact("Ask the front desk.", ["two", "2"]) and not has_fact("x", None)
 
 
+def test_citation_numbers_and_other_numbers_do_not_count_as_the_fact():
+    # A reply "1" with the sources listed as [1], [2], [3] does not say "two guests".
+    assert not has_fact("The answer is: 1\n(Sources: [1], [2], [3])", ["two", "2"])
+    assert not has_fact("Annual Report 2024, 12 euros per day.", "2")
+    assert has_fact("Up to 2 guests [1].", "2") and has_fact("60 euros, see [2].", "60")
+    assert has_fact("The lens is cleaned every Sunday.", ["clean", "maintenance"])
+    for q in load_questions(SAMPLE_QUESTIONS) + load_questions(HELDOUT_QUESTIONS):
+        assert not q.answerable or has_fact(q.answer, q.fact), q.question  # gold answers pass
+
+
 def test_grades_fact_citation_and_refusal():
     right = grade(
         FEE, Answer(FEE.question, "A 15 euro fee [1].", [hit("membership.md")], True, [1])
