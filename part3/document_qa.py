@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from rich.console import Console
@@ -64,6 +65,7 @@ EPILOG = """examples:
   python part3/document_qa.py ask                      # interactive; empty line to quit
   python part3/document_qa.py search "laser cutter safety" --top-k 3
   python part3/document_qa.py search "MAX_BOOKING_HOURS" --retrieval bm25
+  python part3/document_qa.py search --json < queries.txt   # one process, one JSON line a query
   python part3/document_qa.py list
   python part3/document_qa.py remove --collection notes
 
@@ -160,7 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common, named, retrieval, as_json],
         help="retrieve passages only, no model",
     )
-    search.add_argument("query", help="what to look for")
+    search.add_argument(
+        "query", nargs="?", help="what to look for (none: one query a line, empty line to quit)"
+    )
 
     sub.add_parser("list", parents=[common, as_json], help="list collections")
     remove = sub.add_parser("remove", parents=[common], help="delete a collection")
@@ -277,18 +281,24 @@ def cmd_ask(args: argparse.Namespace, console: Console) -> int:
         console.print(
             f"Ask about the {store.count()} chunks in collection {escape(store.name)!r}. Empty line to quit."
         )
-        while True:
-            try:
-                question = input("question> ").strip()
-            except (EOFError, KeyboardInterrupt):
-                console.print()
-                break
-            if question.lower() in ("", "exit", "quit"):
-                break
+        for question in _read_lines("question> ", console):
             _answer(qa, question, args, console)
         return 0
     finally:
         qa.close()
+
+
+def _read_lines(prompt: str, console: Console) -> Iterator[str]:
+    """Lines typed (or piped) one by one, until an empty line, ``quit`` or end of input."""
+    while True:
+        try:
+            line = input(prompt).strip()
+        except (EOFError, KeyboardInterrupt):
+            console.print()
+            return
+        if line.lower() in ("", "exit", "quit"):
+            return
+        yield line
 
 
 def _answer(qa: QuestionAnswerer, question: str, args: argparse.Namespace, console: Console) -> int:
@@ -319,18 +329,28 @@ def _answer(qa: QuestionAnswerer, question: str, args: argparse.Namespace, conso
 
 
 def cmd_search(args: argparse.Namespace, console: Console) -> int:
-    """Print the best passages with scores (retrieval only)."""
+    """Print the best passages with scores (retrieval only) for one query, or for each line
+    read in interactive mode (start-up is paid once, each further query takes milliseconds)."""
     store = DocumentStore(args.collection, args.db, retrieval=args.retrieval)
-    hits = store.search(args.query, args.top_k)
-    if args.json:
-        print(
-            json.dumps(
-                {"query": args.query, "sources": [h.to_dict() for h in hits]}, ensure_ascii=False
-            )
-        )
+    if args.query is not None:
+        _search(store, args.query, args, console)
         return 0
-    _print_hits(hits, console, full=True)
+    if not args.json:
+        console.print(
+            f"Search the {store.count()} chunks in collection {escape(store.name)!r}. Empty line to quit."
+        )
+    for query in _read_lines("" if args.json else "search> ", console):
+        _search(store, query, args, console)
     return 0
+
+
+def _search(store: DocumentStore, query: str, args: argparse.Namespace, console: Console) -> None:
+    hits = store.search(query, args.top_k)
+    if args.json:
+        sources = [h.to_dict() for h in hits]
+        print(json.dumps({"query": query, "sources": sources}, ensure_ascii=False), flush=True)
+        return
+    _print_hits(hits, console, full=True)
 
 
 def _print_hits(hits: list[Hit], console: Console, full: bool) -> None:

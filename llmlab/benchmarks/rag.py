@@ -9,7 +9,9 @@ Measured in one run, on ``part3/data/docs`` in a throw-away store:
   default chat model, each as a median over the question set and compared with retrieval;
 * one question from the command line: ``document_qa.py search`` in a new process, start-up
   included, with the embedding model run by onnxruntime against sentence-transformers
-  (``LLMLAB_EMBEDDING_RUNTIME``), the median of a few runs each.
+  (``LLMLAB_EMBEDDING_RUNTIME``), the median of a few runs each; and each further query of
+  one ``document_qa.py search`` process that reads its queries line by line (start-up paid
+  once): the time of a process given 1 + N queries, less that of one given 1, over N.
 
 Models are loaded before timing starts, so the in-process figures are per-query costs,
 not start-up; the command-line rows are what a learner waits for.
@@ -55,6 +57,36 @@ def _cli_search_ms(db: Path, question: str, runtime: str, runs: int) -> float:
             )
         times.append(t.seconds * 1000)
     return statistics.median(times)
+
+
+def _cli_session_ms(db: Path, questions: list[str]) -> float:
+    """Wall time of one ``document_qa.py search --json`` process reading ``questions``."""
+    argv = [sys.executable, str(SCRIPT), "search", "--db", str(db), "--collection", "bench"]
+    with timer() as t:
+        subprocess.run(
+            [*argv, "--top-k", "3", "--json"],
+            input="\n".join(questions) + "\n",
+            text=True,
+            check=True,
+            capture_output=True,
+            env={**os.environ, "LLMLAB_EMBEDDING_RUNTIME": "onnx"},
+        )
+    return t.seconds * 1000
+
+
+def session_row(db: Path, questions: list[str], baseline: Row) -> Row:
+    """Each further query of one interactive ``search`` process, against a new process each."""
+    one = _cli_session_ms(db, questions[:1])
+    more = _cli_session_ms(db, questions[:1] + questions)
+    return Row.compared(
+        SUITE,
+        "document_qa.py search, one process, each further query",
+        "latency",
+        (more - one) / len(questions),
+        "ms",
+        baseline=baseline,
+        note=f"onnxruntime; queries read line by line, {len(questions)} after the first",
+    )
 
 
 def cli_rows(db: Path, question: str, runs: int) -> list[Row]:
@@ -150,6 +182,7 @@ def run(quick: bool = False) -> list[Row]:
             )
         finally:
             qa.close()
+        cli = cli_rows(db, answerable[0], runs=1 if quick else 3)
         return [
             ingest,
             full_time,
@@ -160,7 +193,8 @@ def run(quick: bool = False) -> list[Row]:
             retrieval,
             not_found,
             answered,
-            *cli_rows(db, answerable[0], runs=1 if quick else 3),
+            *cli,
+            session_row(db, answerable + unanswerable, baseline=cli[-1]),
         ]
     finally:
         shutil.rmtree(db, ignore_errors=True)

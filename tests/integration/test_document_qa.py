@@ -107,6 +107,21 @@ print(sorted(m for m in {HEAVY!r} if m in sys.modules))
     assert done.stderr == ""  # no note: the ONNX path was there
 
 
+def test_search_without_a_query_reads_one_query_a_line_in_one_process(ingested):
+    """Start-up is paid once: piped queries each get a JSON line, an empty line ends it."""
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "search", "--top-k", "1", "--json"],
+        input="Where is the first aid kit?\nlaser cutter safety\n\nnot read\n",
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    replies = [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+    assert [r["query"] for r in replies] == ["Where is the first aid kit?", "laser cutter safety"]
+    assert all(r["sources"][0]["source"].endswith("safety_rules.txt") for r in replies)
+
+
 def test_question_not_in_documents_answers_so_without_a_model(ingested, capsys, monkeypatch):
     import llmlab.backends
 

@@ -27,4 +27,7 @@ def test_quick_run_reports_ingestion_and_latencies():
     onnx = by_case["document_qa.py search, new process, onnxruntime"]
     assert onnx.baseline == "document_qa.py search, new process, sentence-transformers"
     assert onnx.ratio is not None and onnx.value > 0 and "no torch import" in onnx.note
+    further = by_case["document_qa.py search, one process, each further query"]
+    assert further.baseline == onnx.case and further.ratio is not None
+    assert "after the first" in further.note
     assert all(row.suite == "rag" for row in rows)
