@@ -179,6 +179,9 @@ class SlotSampler:
             if vocab is None:
                 raise ValueError("a grammar needs the model's vocab: SlotSampler(..., vocab=...)")
             self._grammar = Grammar(vocab, grammar)
+        # Plain greedy (no penalty, no grammar) is the first largest logit, which is what
+        # llama.cpp's greedy sampler picks; argmax skips copying 49k logits into its array.
+        self._argmax = params.temperature <= 0 and params.repeat_penalty == 1.0 and not grammar
         self._chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
         for stage in self._stages(params):
             ll.llama_sampler_chain_add(self._chain, stage)  # the chain owns and frees it
@@ -219,6 +222,8 @@ class SlotSampler:
     def sample_logits(self, logits: np.ndarray) -> int:
         """The next token from one row of logits (the model's raw scores, one per token)."""
         self._check_open()
+        if self._argmax:
+            return int(np.argmax(logits))
         grammar = self._grammar
         token = self._draw(logits, grammar if self.grammar_first else None)
         if grammar is not None and not self.grammar_first and not grammar.allows(token):

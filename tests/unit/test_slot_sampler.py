@@ -22,6 +22,20 @@ def test_temperature_zero_is_argmax_whatever_the_other_settings():
     assert set(draws(20, temperature=0, top_k=3, top_p=0.2, seed=1)) == {1}
 
 
+def test_plain_greedy_takes_the_same_token_as_llama_cpps_greedy_sampler_ties_included():
+    rng = np.random.default_rng(0)
+    rows = [rng.standard_normal(49152).astype(np.float32) for _ in range(20)]
+    tied = np.zeros(49152, dtype=np.float32)
+    tied[[7, 300, 40000]] = 5.0  # several largest logits: the first one wins
+    rows.append(tied)
+    with SlotSampler(GenerationParams(temperature=0)) as fast:
+        picked = [fast.sample_logits(row) for row in rows]
+    with SlotSampler(GenerationParams(temperature=0)) as chain:
+        chain._argmax = False  # the llama.cpp chain itself, as penalised or grammar runs use
+        assert picked == [chain.sample_logits(row) for row in rows]
+    assert picked[-1] == 7
+
+
 def test_top_k_one_and_tiny_top_p_are_greedy():
     assert set(draws(temperature=1.0, top_k=1, seed=1)) == {1}
     assert set(draws(temperature=1.0, top_k=0, top_p=0.01, seed=1)) == {1}
