@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from llmlab.rag import NOT_FOUND, Answer, Hit
 from llmlab.rag.evaluate import (
+    HELDOUT2_QUESTIONS,
     HELDOUT_QUESTIONS,
+    SAMPLE_DOCS,
     SAMPLE_QUESTIONS,
     AnswerReport,
     Question,
@@ -25,10 +27,15 @@ def hit(name: str, score: float = 0.5, chunk_id: str = "") -> Hit:
 
 def test_every_answerable_question_has_a_fact_and_the_held_out_set_is_new():
     sample, held_out = load_questions(SAMPLE_QUESTIONS), load_questions(HELDOUT_QUESTIONS)
-    for q in sample + held_out:
+    held_out2 = load_questions(HELDOUT2_QUESTIONS)
+    for q in sample + held_out + held_out2:
         assert (q.fact is not None) == q.answerable
     assert not {q.question for q in sample} & {q.question for q in held_out}
+    assert not {q.question for q in sample + held_out} & {q.question for q in held_out2}
     assert sum(q.answerable for q in held_out) == 23 and len(held_out) == 28
+    assert sum(q.answerable for q in held_out2) == 33 and len(held_out2) == 38
+    sources = {p.name for p in SAMPLE_DOCS.iterdir()}
+    assert {s for q in held_out2 for s in q.sources} <= sources
 
 
 def test_fact_is_found_in_any_spelling_ignoring_case():
@@ -43,7 +50,10 @@ def test_citation_numbers_and_other_numbers_do_not_count_as_the_fact():
     assert not has_fact("Annual Report 2024, 12 euros per day.", "2")
     assert has_fact("Up to 2 guests [1].", "2") and has_fact("60 euros, see [2].", "60")
     assert has_fact("The lens is cleaned every Sunday.", ["clean", "maintenance"])
-    for q in load_questions(SAMPLE_QUESTIONS) + load_questions(HELDOUT_QUESTIONS):
+    questions = [
+        load_questions(path) for path in (SAMPLE_QUESTIONS, HELDOUT_QUESTIONS, HELDOUT2_QUESTIONS)
+    ]
+    for q in sum(questions, []):
         assert not q.answerable or has_fact(q.answer, q.fact), q.question  # gold answers pass
 
 

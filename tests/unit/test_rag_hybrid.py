@@ -7,6 +7,7 @@ import pytest
 
 from llmlab.rag import DocumentStore
 from llmlab.rag.evaluate import (
+    HELDOUT2_QUESTIONS,
     HELDOUT_QUESTIONS,
     SAMPLE_DOCS,
     SAMPLE_QUESTIONS,
@@ -73,4 +74,22 @@ def test_hybrid_recall_on_the_held_out_questions_is_at_least_dense_and_higher_at
     )
     assert mean_reciprocal_rank(store, held_out, mode="hybrid") > mean_reciprocal_rank(
         store, held_out, mode="dense"
+    )
+
+
+@pytest.mark.slow
+def test_hybrid_beats_dense_at_recall_1_on_the_second_held_out_set(store):
+    # Written and committed before any retrieval was run on it. Measured (33 answerable):
+    # recall@1 dense 28, bm25 20, hybrid 30; recall@3 dense 32, bm25 28, hybrid 32;
+    # MRR dense 0.912, bm25 0.748, hybrid 0.943. Hybrid wins 4 questions at rank 1 and
+    # loses 2, so the margin is two questions, and none at recall@3.
+    questions = load_questions(HELDOUT2_QUESTIONS)
+    answerable = sum(q.answerable for q in questions)
+    dense = recall_at_k(store, questions, [1, 3], mode="dense")
+    bm25 = recall_at_k(store, questions, [1, 3], mode="bm25")
+    hybrid = recall_at_k(store, questions, [1, 3], mode="hybrid")
+    assert hybrid[1] >= dense[1] + 2 / answerable - 1e-9
+    assert hybrid[1] > bm25[1] and hybrid[3] >= dense[3] >= bm25[3]
+    assert mean_reciprocal_rank(store, questions, mode="hybrid") > mean_reciprocal_rank(
+        store, questions, mode="dense"
     )
