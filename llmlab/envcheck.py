@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.metadata
-import logging
 import platform
 import shutil
 import sys
@@ -339,16 +338,11 @@ def _build_features(system_info: str) -> str:
 def check_bitsandbytes() -> Check:
     """bitsandbytes (8-bit / 4-bit weights for the transformers backend); missing is a WARN."""
     fix = "pip install bitsandbytes (only needed for 8-bit/4-bit transformers models)"
-    quiet = logging.getLogger("bitsandbytes")
-    level = quiet.level
-    # On AVX512-BF16 CPUs it warns that an optional kernel cannot be fetched from the Hub.
-    quiet.setLevel(logging.ERROR)
     try:
-        bnb = importlib.import_module("bitsandbytes")
+        with hardware.quiet_bitsandbytes():
+            bnb = importlib.import_module("bitsandbytes")
     except Exception as exc:  # it can fail with OSError/RuntimeError on a bad CUDA setup
         return Check("bitsandbytes", WARN, f"not usable ({type(exc).__name__}: {exc})", fix)
-    finally:
-        quiet.setLevel(level)
     backend = _bnb_backend(bnb)
     version = getattr(bnb, "__version__", "?")
     if backend is None:

@@ -10,7 +10,10 @@ then the CPU in the same way::
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import psutil
@@ -83,3 +86,18 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
+
+
+@contextmanager
+def quiet_bitsandbytes() -> Iterator[None]:
+    """Import bitsandbytes (directly, or through peft) without its warning that an optional
+    CPU kernel cannot be fetched from the Hugging Face Hub: it prints that on AVX512-BF16
+    CPUs when the ``kernels`` package is absent and then uses its own CPU kernel, which is
+    what the lab runs. Errors still show."""
+    quiet = logging.getLogger("bitsandbytes")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        quiet.setLevel(level)

@@ -28,6 +28,7 @@ import shutil
 import signal
 import tempfile
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -36,6 +37,7 @@ from typing import Any
 
 from llmlab.finetune.adapters import META_FILE
 from llmlab.finetune.data import IGNORE, Tokens
+from llmlab.hardware import quiet_bitsandbytes
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 STATE_FILE = "training_state.pt"
@@ -100,7 +102,8 @@ def load_base(model: str | None = None, *, threads: int | None = None, device: s
 
 def add_lora(model, lora: LoraSettings):
     """Wrap ``model`` with fresh LoRA layers (PEFT); only those are trainable."""
-    from peft import LoraConfig, get_peft_model
+    with quiet_bitsandbytes():
+        from peft import LoraConfig, get_peft_model
 
     n_layers = model.config.num_hidden_layers
     layers = None
@@ -115,7 +118,12 @@ def add_lora(model, lora: LoraSettings):
         bias="none",
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # peft reads transformers' deprecated ``is_gradient_checkpointing``; nothing to act on.
+        warnings.filterwarnings(
+            "ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning
+        )
+        return get_peft_model(model, config)
 
 
 def trainable_parameters(model) -> tuple[int, int]:
@@ -353,7 +361,8 @@ def load_adapter(backend, folder: str | Path):
     Raises:
         AdapterMismatchError: the adapter was made for another base model.
     """
-    from peft import PeftModel
+    with quiet_bitsandbytes():
+        from peft import PeftModel
 
     from llmlab.finetune.adapters import check_adapter
 

@@ -106,3 +106,24 @@ def test_the_data_order_is_fixed_by_the_seed_and_differs_between_epochs():
     assert train.epoch_order(10, 0, 1) == train.epoch_order(10, 0, 1)
     assert train.epoch_order(10, 0, 1) != train.epoch_order(10, 1, 1)
     assert sorted(train.epoch_order(10, 1, 1)) == list(range(10))
+
+
+def test_adding_lora_shows_no_library_warnings(recwarn, caplog):
+    # Notebook 10 shows what this cell prints: peft's deprecation warning and bitsandbytes'
+    # note about a kernel it cannot fetch offline are the libraries' business, not a lesson.
+    tiny_model()
+    assert [str(w.message) for w in recwarn if issubclass(w.category, FutureWarning)] == []
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("bitsandbytes")] == []
+
+
+def test_quiet_bitsandbytes_hides_its_warnings_only_and_restores_the_level(caplog):
+    import logging
+
+    from llmlab.hardware import quiet_bitsandbytes
+
+    ops = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    with caplog.at_level(logging.INFO), quiet_bitsandbytes():
+        ops.warning("Failed to load CPU gemm_4bit_forward from kernels-community")
+        ops.error("a real error")
+    assert [r.getMessage() for r in caplog.records] == ["a real error"]
+    assert logging.getLogger("bitsandbytes").level == logging.NOTSET
