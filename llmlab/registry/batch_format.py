@@ -73,7 +73,7 @@ def source_format(spec: ModelSpec) -> str:
     """The main tensor type of the entry's file (``Q4_1``), else its catalog quantization."""
     try:
         return kernels.main_type(spec.path)
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, RegistryError):  # not a readable GGUF file
         return kernels.format_name(spec.quantization or "unknown")
 
 

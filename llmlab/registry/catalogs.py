@@ -15,6 +15,15 @@ from llmlab.settings import Settings, get_settings
 BUILTIN_CATALOG = Path(__file__).parent.parent / "models.yaml"
 
 
+def _parse_yaml(text: str):
+    """``yaml.safe_load`` through libyaml when it is there (ten times faster on a catalog);
+    a broken file is parsed again by the Python loader, which says better where it is."""
+    try:
+        return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    except yaml.YAMLError:
+        return yaml.safe_load(text)
+
+
 def _load_entries(path: Path) -> list:
     """The ``models:`` list of a catalog file ([] if there is no file).
 
@@ -25,7 +34,7 @@ def _load_entries(path: Path) -> list:
         return []
     fix = "Fix or delete it."
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = _parse_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark else ""

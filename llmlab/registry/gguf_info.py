@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import struct
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +26,8 @@ class GGUFInfo:
     n_kv_heads: int | None
     head_dim: int | None
     vocab_size: int | None
+    main_tensor_type: str = "F32"
+    """The type most weight matrices are stored in (``Q4_1`` for the shipped file)."""
 
 
 def _header_reader_class():
@@ -66,14 +70,23 @@ def read_gguf_info(path: Path) -> GGUFInfo:
     """Read architecture, context, parameter count, quantization and chat template of a GGUF.
 
     The parameter count is ``general.parameter_count`` when the file records it, else the
-    sum of the tensors' element counts.
+    sum of the tensors' element counts. A file read before in this process, unchanged since
+    (same size and modification time), is not read again.
 
     Raises:
         RegistryError: the file is not a readable GGUF file.
     """
     try:
-        size = Path(path).stat().st_size
-        reader = _header_reader_class()(str(path), "r")
+        stat = Path(path).stat()
+    except OSError as exc:
+        raise RegistryError(f"{path} is not a file. Name a .gguf model file.") from exc
+    return _read_gguf_info(str(path), str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _read_gguf_info(path: str, resolved: str, size: int, mtime_ns: int) -> GGUFInfo:
+    try:
+        reader = _header_reader_class()(resolved, "r")
     except (ValueError, OSError, struct.error) as exc:
         if not Path(path).is_file():
             raise RegistryError(f"{path} is not a file. Name a .gguf model file.") from exc
@@ -117,6 +130,7 @@ def read_gguf_info(path: Path) -> GGUFInfo:
     )
     embedding_tensor = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     parameters = field("general.parameter_count") or sum(int(t.n_elements) for t in reader.tensors)
+    matrices = Counter(t.tensor_type.name for t in reader.tensors if len(t.shape) >= 2)
     return GGUFInfo(
         architecture=arch,
         name=field("general.name"),
@@ -129,4 +143,5 @@ def read_gguf_info(path: Path) -> GGUFInfo:
         n_kv_heads=kv_heads or heads,
         head_dim=head_dim,
         vocab_size=int(embedding_tensor.shape[-1]) if embedding_tensor is not None else None,
+        main_tensor_type=matrices.most_common(1)[0][0] if matrices else "F32",
     )

@@ -17,7 +17,6 @@ of the shipped Q4_1 file give 1.7x the tokens/s of one, Q8_0 2.6-3.3x (see part3
 from __future__ import annotations
 
 import re
-from collections import Counter
 from collections.abc import Iterable
 from functools import cache
 from pathlib import Path
@@ -82,11 +81,9 @@ def main_type(path: str | Path) -> str:
     """The tensor type most of a GGUF file's weight matrices are stored in (``Q4_1`` for the
     shipped file). Mixed files such as Q4_K_M count by tensors: on SmolLM2, whose 576-wide
     rows rule out 256-value k-quant blocks, Q4_K_M is mostly Q5_0."""
-    from llmlab.registry.gguf_info import _header_reader_class
+    from llmlab.registry.gguf_info import read_gguf_info
 
-    reader = _header_reader_class()(str(path), "r")
-    counts = Counter(t.tensor_type.name for t in reader.tensors if len(t.shape) >= 2)
-    return counts.most_common(1)[0][0] if counts else "F32"
+    return read_gguf_info(Path(path)).main_tensor_type
 
 
 def format_name(tag_or_type: str) -> str:

@@ -220,6 +220,20 @@ def test_read_gguf_info_of_smollm2():
     assert info.quantization == "Q4_1"
     assert info.has_chat_template is True
     assert (info.n_layers, info.n_kv_heads, info.head_dim, info.vocab_size) == (30, 3, 64, 49152)
+    assert info.main_tensor_type == "Q4_1"
+
+
+def test_read_gguf_info_reads_a_file_once_until_it_changes(tmp_path):
+    copy = tmp_path / "smol.gguf"
+    shutil.copyfile(registry.resolve().path, copy)
+    first = registry.read_gguf_info(copy)
+    assert registry.read_gguf_info(copy) is first  # the same process does not parse it twice
+    copy.write_bytes(b"GGUF" + b"\0" * 64)  # replaced under the same name
+    with pytest.raises(registry.RegistryError, match="truncated or damaged"):
+        registry.read_gguf_info(copy)
+    copy.unlink()
+    with pytest.raises(registry.RegistryError, match="is not a file"):
+        registry.read_gguf_info(copy)
 
 
 def test_add_and_remove_through_the_api(tmp_path, lab_home):
