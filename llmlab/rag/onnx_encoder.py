@@ -28,6 +28,7 @@ import numpy as np
 
 from llmlab import registry
 from llmlab.backends import hf_checkpoint
+from llmlab.registry.files import matches_sha256
 from llmlab.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -241,9 +242,9 @@ def cached_graph(spec: registry.ModelSpec) -> Path:
 def _checksum_ok(cache: Path) -> bool:
     try:
         recorded = (cache / CHECKSUM).read_text().strip()
-    except OSError:
+        return matches_sha256(cache / GRAPH, recorded)
+    except OSError:  # a checksum or a graph missing: export again
         return False
-    return recorded == registry.sha256_file(cache / GRAPH)
 
 
 def load_encoder(spec: registry.ModelSpec, threads: int) -> OnnxEncoder:

@@ -20,6 +20,7 @@ threshold works for all three.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -95,24 +96,66 @@ def open_client(db_dir: str | Path | None = None) -> Any:
 
 
 def _import_chromadb() -> None:
-    """Import chromadb without building jsonschema's IRI grammar.
+    """Import chromadb without the two costs of its import that do nothing for the lab.
 
-    chromadb imports jsonschema, whose format checkers import ``rfc3987_syntax`` when it is
-    installed (Jupyter brings it); that module compiles an Earley grammar at import, seconds
-    of CPU on a small machine, more than a whole search. chromadb never checks IRI formats,
-    so while jsonschema is first imported that module reads as absent; the IRI check is
-    then missing for this process only, and only if jsonschema was not imported before.
+    - chromadb imports jsonschema, whose format checkers import ``rfc3987_syntax`` when it
+      is installed (Jupyter brings it); that module compiles an Earley grammar at import,
+      seconds of CPU on a small machine, more than a whole search. chromadb never checks
+      IRI formats, so while jsonschema is first imported that module reads as absent; the
+      IRI check is then missing for this process only, and only if jsonschema was not
+      imported before.
+    - chromadb marks ~150 methods with ``overrides.override``, which checks each one's
+      signature against its base class while the class is built (0.3 s here). Those checks
+      are for chromadb's developers; while chromadb is imported the decorator only marks
+      the method, as ``EnforceOverrides`` needs.
     """
-    if "chromadb" in sys.modules or "jsonschema" in sys.modules:
+    if "chromadb" in sys.modules:
         return
-    blocked = "rfc3987_syntax" not in sys.modules
-    if blocked:
-        sys.modules["rfc3987_syntax"] = None  # type: ignore[assignment]  # import raises ImportError
-    try:
+    with contextlib.ExitStack() as stack:
+        if "jsonschema" not in sys.modules and "rfc3987_syntax" not in sys.modules:
+            stack.enter_context(_absent_module("rfc3987_syntax"))
+        stack.enter_context(_unchecked_overrides())
         import chromadb  # noqa: F401
+
+
+@contextmanager
+def _absent_module(name: str) -> Iterator[None]:
+    """While inside, ``import name`` raises ImportError."""
+    sys.modules[name] = None  # type: ignore[assignment]
+    try:
+        yield
     finally:
-        if blocked:
-            del sys.modules["rfc3987_syntax"]
+        del sys.modules[name]
+
+
+@contextmanager
+def _unchecked_overrides() -> Iterator[None]:
+    """While inside, ``@overrides.override`` (and ``@overrides``) mark without checking."""
+    try:
+        import overrides
+    except ImportError:  # a chromadb that no longer needs it
+        yield
+        return
+    module = sys.modules["overrides.overrides"]  # the package's ``overrides`` is the function
+
+    def mark(method: Any = None, **_options: Any) -> Any:
+        if method is None:  # used as @override(check_signature=...)
+            return mark
+        method.__override__ = True
+        return method
+
+    saved = {
+        (owner, name): getattr(owner, name)
+        for owner in (overrides, module)
+        for name in ("override", "overrides")
+    }
+    for owner, name in saved:
+        setattr(owner, name, mark)
+    try:
+        yield
+    finally:
+        for (owner, name), value in saved.items():
+            setattr(owner, name, value)
 
 
 def display_path(source: str | Path) -> str:

@@ -120,6 +120,18 @@ def _remember_verified(target: Path, sha256: str, settings: Settings) -> None:
         pass  # only a cache: without it the file is hashed again next time
 
 
+def matches_sha256(path: Path, sha256: str, settings: Settings | None = None) -> bool:
+    """True if the file's sha256 is ``sha256``. A file that matched before and has not
+    changed since (same size and mtime) is not hashed again."""
+    settings = settings or get_settings()
+    if _read_verified(settings).get(_cache_key(path)) == sha256:
+        return True
+    actual = sha256_file(path)
+    if actual == sha256:
+        _remember_verified(path, actual, settings)
+    return actual == sha256
+
+
 def verify(spec: ModelSpec, path: Path | None = None, settings: Settings | None = None) -> Path:
     """Check the local file against the entry's size and sha256 and return its path.
 
@@ -142,14 +154,11 @@ def verify(spec: ModelSpec, path: Path | None = None, settings: Settings | None 
             f"{target} has {size} bytes, expected {spec.size_bytes}: the file is truncated "
             f"or corrupt. {fix}"
         )
-    if spec.sha256 and _read_verified(settings).get(_cache_key(target)) != spec.sha256:
-        actual = sha256_file(target)
-        if actual != spec.sha256:
-            raise ChecksumError(
-                f"{target} does not match its sha256 (expected {spec.sha256[:12]}…, got "
-                f"{actual[:12]}…): the file is corrupt. {fix}"
-            )
-        _remember_verified(target, actual, settings)
+    if spec.sha256 and not matches_sha256(target, spec.sha256, settings):
+        raise ChecksumError(
+            f"{target} does not match its sha256 (expected {spec.sha256[:12]}…, got "
+            f"{sha256_file(target)[:12]}…): the file is corrupt. {fix}"
+        )
     return path
 
 
