@@ -17,6 +17,7 @@ Collections live in $LLMLAB_HOME/rag unless --db names another folder.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 from collections.abc import Iterator
@@ -268,8 +269,16 @@ def cmd_ingest(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _start_loading_embedder() -> None:
+    """Load the default embedding model while the store opens (collections are usually
+    built with it); if it is not installed, opening the store says what to do."""
+    with contextlib.suppress(registry.RegistryError):
+        get_embedder().start_loading()
+
+
 def cmd_ask(args: argparse.Namespace, console: Console) -> int:
     """Answer one question, or read questions until an empty line in interactive mode."""
+    _start_loading_embedder()
     store = DocumentStore(args.collection, args.db, retrieval=args.retrieval)
     store.require_chunks()
     qa = QuestionAnswerer(
@@ -331,6 +340,7 @@ def _answer(qa: QuestionAnswerer, question: str, args: argparse.Namespace, conso
 def cmd_search(args: argparse.Namespace, console: Console) -> int:
     """Print the best passages with scores (retrieval only) for one query, or for each line
     read in interactive mode (start-up is paid once, each further query takes milliseconds)."""
+    _start_loading_embedder()
     store = DocumentStore(args.collection, args.db, retrieval=args.retrieval)
     if args.query is not None:
         _search(store, args.query, args, console)

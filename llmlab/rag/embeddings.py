@@ -24,6 +24,7 @@ lets one call's truncation setting leak into the other.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -33,7 +34,7 @@ from typing import Any
 
 from llmlab import registry
 from llmlab.hardware import pick_device
-from llmlab.rag.onnx_encoder import OnnxUnavailable, load_encoder
+from llmlab.rag.onnx_encoder import OnnxUnavailable, cached_graph, load_encoder
 from llmlab.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,31 @@ class Embedder:
         if self._model is None:
             self._model = self._load()
         return self._model
+
+    def start_loading(self) -> None:
+        """Begin loading the ONNX encoder on a daemon thread, so it overlaps other start-up
+        work (opening the store); the first embed waits for it. A failure is left for the
+        first embed to report (or fall back from). Only the ``onnx`` runtime, and only once
+        its graph is on disk: exporting it and the sentence-transformers fallback import
+        torch, which stays on the calling thread."""
+        if self.runtime != "onnx" or self._model is not None:
+            return
+        try:
+            import onnxruntime  # noqa: F401  # imported here so two threads never import at once
+            import tokenizers  # noqa: F401
+
+            spec = self.spec if self.spec.path else registry.resolve(self.spec)
+            cached_graph(spec)  # exports it on this thread if it is not there yet
+        except (ImportError, OnnxUnavailable, registry.RegistryError):
+            return
+
+        def load() -> None:
+            # Any failure: the first embed loads again and says why, or falls back.
+            with self._lock, contextlib.suppress(Exception):
+                if self._model is None:
+                    self._model = load_encoder(spec, get_settings().threads)
+
+        threading.Thread(target=load, name="embedder-load", daemon=True).start()
 
     def _load(self) -> Any:
         spec = self.spec if self.spec.path else registry.resolve(self.spec)

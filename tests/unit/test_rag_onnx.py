@@ -83,3 +83,38 @@ def test_without_onnx_the_embedder_says_so_in_one_line_and_uses_sentence_transfo
 def test_an_unknown_runtime_is_refused(spec):
     with pytest.raises(ValueError, match="Unknown embedding runtime 'tf'. Use auto, onnx"):
         Embedder(spec, runtime="tf")
+
+
+def test_start_loading_loads_on_a_thread_and_the_first_embed_waits_for_it(spec, monkeypatch):
+    import threading
+
+    loaded_on = []
+    real = onnx_encoder.load_encoder
+
+    def recording(spec, threads):
+        loaded_on.append(threading.current_thread().name)
+        return real(spec, threads)
+
+    monkeypatch.setattr("llmlab.rag.embeddings.load_encoder", recording)
+    early = Embedder(spec, runtime="onnx")
+    early.start_loading()
+    vector = early.embed_query("a cat")
+    assert loaded_on == ["embedder-load"]  # loaded once, by the thread
+    assert vector == Embedder(spec, runtime="onnx").embed_query("a cat")
+    early.start_loading()  # already loaded: nothing more
+    assert loaded_on == ["embedder-load", "MainThread"]  # only the second embedder's load
+
+
+def test_a_failed_background_load_is_reported_by_the_first_embed(spec, monkeypatch, caplog):
+    def unavailable(spec, threads):
+        raise OnnxUnavailable("the ONNX export failed (test)")
+
+    monkeypatch.setattr("llmlab.rag.embeddings.load_encoder", unavailable)
+    embedder = Embedder(spec)
+    embedder.start_loading()
+    with caplog.at_level(logging.WARNING):
+        assert len(embedder.embed_query("a cat")) == 384
+    assert embedder.runtime == "sentence-transformers"
+    assert [r.getMessage() for r in caplog.records] == [
+        "Embedding with sentence-transformers (slower to start): the ONNX export failed (test)"
+    ]
