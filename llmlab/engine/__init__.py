@@ -29,6 +29,10 @@ Prefix cache: a finished sequence's KV cells stay as its slot's cache. A new req
 to the free slot whose cached tokens share the longest prefix with its prompt; the cells
 past that prefix are cleared and only the rest of the prompt is prefilled (a chat
 template's system prompt, or the earlier turns of a conversation, are computed once).
+Just before a prompt's first chunk is prefilled, the other slots are looked at too: when
+one of them (running, or a cache) holds at least ``MIN_COPIED_PREFIX`` more of the
+prompt's start, its cells are copied (``llama_memory_seq_cp``), so prompts admitted
+together, as a batch job's are, prefill their common template once, not once per slot.
 ``prefix_cache=False`` clears a sequence's cells as soon as it finishes.
 
 ``usage.cached_tokens`` of a result says how many prompt tokens the prefix cache saved

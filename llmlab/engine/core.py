@@ -222,6 +222,11 @@ class Engine:
         return self._scheduler.reused_prompt_tokens
 
     @property
+    def copied_prompt_tokens(self) -> int:
+        """Of :attr:`reused_prompt_tokens`, those copied from another slot's cells."""
+        return self._scheduler.copied_prompt_tokens
+
+    @property
     def prefilled_tokens(self) -> int:
         """Prompt tokens decoded (computed) so far."""
         return self._scheduler.prefilled_tokens

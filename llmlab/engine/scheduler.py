@@ -86,6 +86,7 @@ class _Sequence:
         self.adapters = handle.adapters
         self.n_past = 0  # tokens of this sequence already in the KV cache
         self.cached = 0  # prompt tokens the prefix cache saved
+        self.borrowed = False  # looked for its prompt's start in other slots (once)
         self.generated: list[int] = []
         self.next_token: int | None = None  # sampled, not yet decoded
         self.text = ""  # completion text shown so far (after stop-string holding)
@@ -136,6 +137,12 @@ class _Sequence:
         entries = [entry for _, _, entry in done]
         self.logprobs += entries
         return entries
+
+
+# A prompt whose start is in another slot's cells gets a copy of them when that saves at
+# least this many prompt tokens: the copy moves a whole KV stream (~12 MB for SmolLM2 at 512
+# cells, a few ms), about what prefilling one or two tokens costs on 2 cores.
+MIN_COPIED_PREFIX = 8
 
 
 def next_group(groups: list[AdapterSet], last: AdapterSet | None) -> AdapterSet:
@@ -214,6 +221,7 @@ class Scheduler:
         self._last_group: AdapterSet | None = None  # which adapter set the last decode carried
         self.steps = 0  # decode calls so far (for lessons and tests)
         self.reused_prompt_tokens = 0  # prompt tokens not prefilled thanks to the prefix cache
+        self.copied_prompt_tokens = 0  # ... of which copied from another slot's cells
         self.prefilled_tokens = 0  # prompt tokens decoded (computed) so far
         self.max_batch_sequences = 0  # the most sequences one decode step has carried
 
@@ -354,9 +362,7 @@ class Scheduler:
         prompt = handle.prompt_tokens
 
         def shared(i: int) -> int:
-            if self._cached_under[i] != handle.adapters:  # computed under other adapters
-                return 0
-            return shared_prefix(self._cached[i], prompt)
+            return self._shared(i, prompt, handle.adapters)
 
         slot = max(free, key=shared)
         free.remove(slot)
@@ -369,6 +375,39 @@ class Scheduler:
         seq.n_past = seq.cached = keep
         self._slots[slot] = seq
         return seq
+
+    def _borrow_prefix(self, seq: _Sequence) -> None:
+        """Just before ``seq``'s first prompt chunk: if another slot's cells (a running
+        sequence's, or a slot's prompt cache) hold a longer start of its prompt than its own
+        slot kept, copy them, so prompts that begin alike (a system prompt, a template) are
+        prefilled once even when they were admitted together."""
+        seq.borrowed = True
+        others = [i for i in range(self.parallel) if i != seq.seq_id]
+        donor = max(others, key=lambda i: self._shared(i, seq.prompt, seq.adapters), default=None)
+        if donor is None:
+            return
+        keep = min(self._shared(donor, seq.prompt, seq.adapters), len(seq.prompt) - 1)
+        if keep < seq.n_past + MIN_COPIED_PREFIX:
+            return
+        self.ctx.seq_cp(donor, seq.seq_id)
+        self.ctx.seq_rm(seq.seq_id, keep, -1)
+        self.reused_prompt_tokens += keep - seq.n_past
+        self.copied_prompt_tokens += keep - seq.n_past
+        seq.n_past = seq.cached = keep
+
+    def _shared(self, slot: int, prompt: list[int], adapters: AdapterSet) -> int:
+        """How many leading tokens of ``prompt`` ``slot``'s cells hold under ``adapters``."""
+        tokens, computed_under = self._kv_tokens(slot)
+        if computed_under != adapters:  # computed under other adapters: of no use
+            return 0
+        return shared_prefix(tokens, prompt)
+
+    def _kv_tokens(self, slot: int) -> tuple[list[int], AdapterSet]:
+        """The tokens in ``slot``'s KV cells, and the adapters they were computed under."""
+        seq = self._slots[slot]
+        if seq is None:
+            return self._cached[slot], self._cached_under[slot]
+        return (seq.prompt + seq.generated)[: seq.n_past], seq.adapters
 
     def _reap_cancelled(self) -> None:
         for i, seq in enumerate(self._slots):
@@ -431,6 +470,8 @@ class Scheduler:
         for seq in prefilling:
             if budget <= 0:
                 break
+            if not seq.borrowed:
+                self._borrow_prefix(seq)
             start = seq.n_past
             chunk = seq.prompt[start : start + budget]
             last = start + len(chunk) == len(seq.prompt)

@@ -372,3 +372,46 @@ def test_request_constructors_validate_parameter_names():
         assert "max_new_tokens" in str(exc)
     else:
         raise AssertionError("an unknown parameter name was accepted")
+
+
+SYSTEM = "You are a helpful bot. "  # 23 bytes every prompt below starts with
+
+
+def prefilled(ctx: FakeContext, seq_id: int, prompt: str) -> int:
+    """Prompt tokens decoded for ``seq_id`` (entries at a prompt position)."""
+    n = len(prompt.encode())
+    return sum(1 for call in ctx.calls for _, pos, s, _ in call if s == seq_id and pos < n)
+
+
+def test_prompts_admitted_together_prefill_their_common_start_once():
+    ctx = FakeContext()
+    sched = scheduler(ctx, parallel=3, deterministic=True)
+    handles = [handle(SYSTEM + q, max_tokens=2) for q in ("ab", "xy", "mn")]
+    sched.enqueue(handles[:1])
+    sched.enqueue(handles[1:2])
+    sched.enqueue(handles[2:])
+    run(sched)
+    assert [text(h) for h in handles] == ["cd", "z{", "op"]  # the byte after the last, twice
+    assert prefilled(ctx, 0, SYSTEM + "ab") == len(SYSTEM) + 2  # the first prompt: all of it
+    # The others copied the first one's cells for the shared start and prefilled the rest.
+    assert prefilled(ctx, 1, SYSTEM + "xy") == prefilled(ctx, 2, SYSTEM + "mn") == 2
+    assert sched.copied_prompt_tokens == 2 * len(SYSTEM)
+    assert [h.result(0).usage.cached_tokens for h in handles] == [0, len(SYSTEM), len(SYSTEM)]
+
+
+def test_a_short_common_start_or_other_adapters_are_not_worth_a_copy():
+    ctx = FakeContext()
+    sched = scheduler(ctx, parallel=3, deterministic=True)
+    short = [handle("Hi! " + q, max_tokens=2) for q in ("ab", "xy")]  # 4 bytes in common
+    sched.enqueue(short[:1])
+    sched.enqueue(short[1:])
+    settings = GenerationParams.from_kwargs(max_tokens=2, temperature=0)
+    other = Handle(
+        next(_ids), list((SYSTEM + "cd").encode()), settings, None, SlotSampler(settings),
+        adapters=(("style", 1.0),),
+    )  # fmt: skip
+    sched.enqueue([other])
+    run(sched)
+    assert sched.copied_prompt_tokens == 0
+    assert prefilled(ctx, 1, "Hi! xy") == len("Hi! xy")
+    assert text(other) == "ef"
