@@ -7,7 +7,9 @@ the lab pins, with the lab's own CPU flags (``llmlab/llama_server.py``), or take
 ``LLMLAB_LLAMA_SERVER``. Closed-loop streaming clients (1, 4, 8, 16), each asking for
 64 greedy tokens again as soon as a reply ends, through the official ``openai`` client:
 each notes when the first token arrives and how many tokens came
-(``stream_options.include_usage``). Reported side by side, in one run:
+(``stream_options.include_usage``). Both servers stay up while each client count runs on
+llama-server and then on the lab's server, so a ratio's two figures are measured together.
+Reported side by side, in one run:
 
 * aggregate tokens/s of all clients, for each server and number of clients, with the ratios
   the serving targets name: the lab at 8 clients over the lab at 1 (the batching gain,
@@ -246,6 +248,22 @@ def measure(base_url: str, load: Load, model: str) -> dict[int, LoadResult]:
     }
 
 
+def measure_side_by_side(
+    lab_url: str, ref_url: str, load: Load, model: str
+) -> tuple[dict[int, LoadResult], dict[int, LoadResult]]:
+    """Every client count against llama-server and then against the lab's server, count by
+    count, so the two figures of each ratio are measured within a minute of each other and
+    a machine that slows down or speeds up during the suite shifts both alike."""
+    for url in (ref_url, lab_url):
+        run_clients(url, 1, 1, 4, model=model)  # first-request costs stay out of the figures
+    lab: dict[int, LoadResult] = {}
+    ref: dict[int, LoadResult] = {}
+    for n in load.client_counts:
+        ref[n] = run_clients(ref_url, n, load.requests_for(n), load.max_tokens, model=model)
+        lab[n] = run_clients(lab_url, n, load.requests_for(n), load.max_tokens, model=model)
+    return lab, ref
+
+
 def case(server: str, clients: int) -> str:
     """The row case for ``server`` under ``clients`` clients (notebook 11 reads it back)."""
     return f"{server}, {clients} client{'s' if clients != 1 else ''}"
@@ -309,7 +327,8 @@ def reference_server(quick: bool):
 
 
 def run(quick: bool = False) -> list[Row]:
-    """The same load against the lab's server, then llama-server on the file it served."""
+    """The same load against the lab's server and llama-server on the file it serves, both
+    running, client count by client count (:func:`measure_side_by_side`)."""
     from llmlab import registry
     from llmlab.settings import get_settings
 
@@ -319,14 +338,12 @@ def run(quick: bool = False) -> list[Row]:
     lab_args = ["--parallel", str(load.slots), "--ctx", str(load.ctx), "--threads", str(threads)]
     with server_process(*lab_args) as url:
         model = served_model(url)
-        lab = measure(url, load, model)
-    ref = None
-    if binary is None:
-        print("   llama-server is not built, so it is left out (quick mode never builds it; "
-              "python -m llmlab.llama_server build does)")  # fmt: skip
-    else:
+        if binary is None:
+            print("   llama-server is not built, so it is left out (quick mode never builds it; "
+                  "python -m llmlab.llama_server build does)")  # fmt: skip
+            return rows_for(measure(url, load, model), None, load)
         path = registry.resolve(model).path
         print(f"   llama-server: {binary} on {path}")
-        with llama_server_process(binary, path, load.slots, load.ctx, threads) as url:
-            ref = measure(url, load, model)
+        with llama_server_process(binary, path, load.slots, load.ctx, threads) as ref_url:
+            lab, ref = measure_side_by_side(url, ref_url, load, model)
     return rows_for(lab, ref, load)

@@ -65,3 +65,17 @@ def test_quick_mode_never_builds_llama_server(monkeypatch):
     monkeypatch.delenv(llama_server.ENV, raising=False)
     monkeypatch.setattr(llama_server, "build", lambda **_: (_ for _ in ()).throw(AssertionError))
     assert serving.reference_server(quick=True) is None
+
+
+def test_side_by_side_runs_each_count_on_both_servers_before_the_next(monkeypatch):
+    calls = []
+
+    def fake_clients(url, clients, requests_each, max_tokens, model):
+        calls.append((url, clients))
+        return result(clients, 100 * clients, 1.0)
+
+    monkeypatch.setattr(serving, "run_clients", fake_clients)
+    lab, ref = serving.measure_side_by_side("lab", "ref", FULL, "m")
+    assert calls[:2] == [("ref", 1), ("lab", 1)]  # the warm-ups
+    assert calls[2:] == [(url, n) for n in FULL.client_counts for url in ("ref", "lab")]
+    assert lab[8].tokens == ref[8].tokens == 800
