@@ -6,6 +6,7 @@ from __future__ import annotations
 from llmlab.rag import NOT_FOUND, Answer, Hit
 from llmlab.rag.evaluate import (
     HELDOUT2_QUESTIONS,
+    HELDOUT3_QUESTIONS,
     HELDOUT_QUESTIONS,
     SAMPLE_DOCS,
     SAMPLE_QUESTIONS,
@@ -28,14 +29,17 @@ def hit(name: str, score: float = 0.5, chunk_id: str = "") -> Hit:
 def test_every_answerable_question_has_a_fact_and_the_held_out_set_is_new():
     sample, held_out = load_questions(SAMPLE_QUESTIONS), load_questions(HELDOUT_QUESTIONS)
     held_out2 = load_questions(HELDOUT2_QUESTIONS)
-    for q in sample + held_out + held_out2:
+    held_out3 = load_questions(HELDOUT3_QUESTIONS)
+    for q in sample + held_out + held_out2 + held_out3:
         assert (q.fact is not None) == q.answerable
     assert not {q.question for q in sample} & {q.question for q in held_out}
     assert not {q.question for q in sample + held_out} & {q.question for q in held_out2}
+    assert not {q.question for q in sample + held_out + held_out2} & {q.question for q in held_out3}
     assert sum(q.answerable for q in held_out) == 23 and len(held_out) == 28
     assert sum(q.answerable for q in held_out2) == 33 and len(held_out2) == 38
+    assert sum(q.answerable for q in held_out3) == 30 and len(held_out3) == 35
     sources = {p.name for p in SAMPLE_DOCS.iterdir()}
-    assert {s for q in held_out2 for s in q.sources} <= sources
+    assert {s for q in held_out2 + held_out3 for s in q.sources} <= sources
 
 
 def test_fact_is_found_in_any_spelling_ignoring_case():
@@ -51,7 +55,8 @@ def test_citation_numbers_and_other_numbers_do_not_count_as_the_fact():
     assert has_fact("Up to 2 guests [1].", "2") and has_fact("60 euros, see [2].", "60")
     assert has_fact("The lens is cleaned every Sunday.", ["clean", "maintenance"])
     questions = [
-        load_questions(path) for path in (SAMPLE_QUESTIONS, HELDOUT_QUESTIONS, HELDOUT2_QUESTIONS)
+        load_questions(path)
+        for path in (SAMPLE_QUESTIONS, HELDOUT_QUESTIONS, HELDOUT2_QUESTIONS, HELDOUT3_QUESTIONS)
     ]
     for q in sum(questions, []):
         assert not q.answerable or has_fact(q.answer, q.fact), q.question  # gold answers pass

@@ -8,6 +8,7 @@ import pytest
 from llmlab.rag import DocumentStore
 from llmlab.rag.evaluate import (
     HELDOUT2_QUESTIONS,
+    HELDOUT3_QUESTIONS,
     HELDOUT_QUESTIONS,
     SAMPLE_DOCS,
     SAMPLE_QUESTIONS,
@@ -90,6 +91,24 @@ def test_hybrid_beats_dense_at_recall_1_on_the_second_held_out_set(store):
     hybrid = recall_at_k(store, questions, [1, 3], mode="hybrid")
     assert hybrid[1] >= dense[1] + 2 / answerable - 1e-9
     assert hybrid[1] > bm25[1] and hybrid[3] >= dense[3] >= bm25[3]
+    assert mean_reciprocal_rank(store, questions, mode="hybrid") > mean_reciprocal_rank(
+        store, questions, mode="dense"
+    )
+
+
+@pytest.mark.slow
+def test_hybrid_beats_dense_at_recall_1_again_on_the_third_held_out_set(store):
+    # Written by another author after the second set was measured, committed before any
+    # retrieval ran on it. Measured (30 answerable): recall@1 dense 25, bm25 23, hybrid 27;
+    # recall@3 dense 30, hybrid 29; MRR dense 0.911, hybrid 0.940. Hybrid wins 4 at rank 1
+    # (exact terms: "Glowline 60 W", "19:00", ...) and loses 2 (paraphrases BM25 finds
+    # nothing for), as on the second set.
+    questions = load_questions(HELDOUT3_QUESTIONS)
+    answerable = sum(q.answerable for q in questions)
+    dense = recall_at_k(store, questions, [1, 3], mode="dense")
+    hybrid = recall_at_k(store, questions, [1, 3], mode="hybrid")
+    assert hybrid[1] >= dense[1] + 2 / answerable - 1e-9
+    assert hybrid[1] > recall_at_k(store, questions, [1], mode="bm25")[1]
     assert mean_reciprocal_rank(store, questions, mode="hybrid") > mean_reciprocal_rank(
         store, questions, mode="dense"
     )
