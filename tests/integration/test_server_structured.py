@@ -7,6 +7,7 @@ One server (real default model, uvicorn in a thread on 127.0.0.1) serves the who
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import httpx
 import jsonschema
@@ -49,18 +50,7 @@ WEATHER = {
         },
     },
 }
-ADD = {
-    "type": "function",
-    "function": {
-        "name": "add",
-        "description": "Add two integers.",
-        "parameters": {
-            "type": "object",
-            "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
-            "required": ["a", "b"],
-        },
-    },
-}
+ADD = json.loads((Path(__file__).parents[1] / "data" / "add_tool.json").read_text())  # OpenAI tool
 ASK_WEATHER = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 

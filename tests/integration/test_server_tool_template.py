@@ -7,6 +7,7 @@ same OpenAI shapes as with the generic format (the official openai client, whole
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import httpx
 import jsonschema
@@ -20,18 +21,7 @@ from part5.combined_app.background import running_server
 pytestmark = pytest.mark.slow
 
 MODEL = "smollm2-135m-instruct"
-ADD = {
-    "type": "function",
-    "function": {
-        "name": "add",
-        "description": "Add two integers.",
-        "parameters": {
-            "type": "object",
-            "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
-            "required": ["a", "b"],
-        },
-    },
-}
+ADD = json.loads((Path(__file__).parents[1] / "data" / "add_tool.json").read_text())  # OpenAI tool
 ASK = [{"role": "user", "content": "What is 17 plus 25?"}]
 REQUIRED = {
     "model": MODEL,
