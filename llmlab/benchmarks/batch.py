@@ -161,18 +161,18 @@ def whole_process_rows(chats: list, max_tokens: int, parallel: int, threads: int
     with tempfile.TemporaryDirectory() as tmp:
         prompts_file, output = Path(tmp, "prompts.jsonl"), Path(tmp, "out.jsonl")
         prompts_file.write_text("".join(json.dumps({"messages": m}) + "\n" for m in chats))
-        loops = []
-        for label, spec in (("shipped ", shipped), ("", chosen)):
-            if loops and spec.path == shipped.path:
-                break
+
+        def loop_row(label: str, spec) -> Row:
             seconds, out = _timed(
                 [sys.executable, "-c", LOOP_SCRIPT, str(spec.path), str(prompts_file),
                  str(max_tokens), str(threads), str(N_CTX)]
             )  # fmt: skip
             case = f"plain loop script, {label}{batch_format.source_format(spec)}"
-            loops.append(
-                Row(SUITE, case, "aggregate", int(out.split()[-1]) / seconds, "tok/s", note=note)
-            )
+            return Row(SUITE, case, "aggregate", int(out.split()[-1]) / seconds, "tok/s", note=note)
+
+        # batch_process runs between the two loops, so each ratio's two processes are
+        # neighbours in time and a machine that drifts during the suite shifts both alike.
+        loops = [loop_row("shipped ", shipped)]
         seconds, _ = _timed(
             [sys.executable, "part3/batch_process.py", str(prompts_file), "-o", str(output),
              "--parallel", str(parallel), "--max-tokens", str(max_tokens), "--temperature", "0",
@@ -182,6 +182,8 @@ def whole_process_rows(chats: list, max_tokens: int, parallel: int, threads: int
             json.loads(line)["usage"]["completion_tokens"]
             for line in output.read_text().splitlines()
         )
+        if chosen.path != shipped.path:
+            loops.append(loop_row("", chosen))
     case = f"batch_process.py --parallel {parallel} ({batch_format.source_format(chosen)})"
     batched = [
         Row.compared(SUITE, case, "aggregate", tokens / seconds, "tok/s", baseline=loop, note=note)
