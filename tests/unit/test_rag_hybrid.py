@@ -78,37 +78,21 @@ def test_hybrid_recall_on_the_held_out_questions_is_at_least_dense_and_higher_at
     )
 
 
+# Both written from the documents alone and committed before any retrieval ran on them.
+# Measured, recall@1 (dense, bm25, hybrid): second set 28, 20, 30 of 33 (MRR 0.912 ->
+# 0.943); third set, by another author, 25, 23, 27 of 30 (MRR 0.911 -> 0.940). On each
+# hybrid wins 4 questions at rank 1 (copied exact terms) and loses 2 (mostly paraphrases
+# BM25 finds nothing for), so the margin is two questions; at recall@3 there is none.
 @pytest.mark.slow
-def test_hybrid_beats_dense_at_recall_1_on_the_second_held_out_set(store):
-    # Written and committed before any retrieval was run on it. Measured (33 answerable):
-    # recall@1 dense 28, bm25 20, hybrid 30; recall@3 dense 32, bm25 28, hybrid 32;
-    # MRR dense 0.912, bm25 0.748, hybrid 0.943. Hybrid wins 4 questions at rank 1 and
-    # loses 2, so the margin is two questions, and none at recall@3.
-    questions = load_questions(HELDOUT2_QUESTIONS)
-    answerable = sum(q.answerable for q in questions)
-    dense = recall_at_k(store, questions, [1, 3], mode="dense")
-    bm25 = recall_at_k(store, questions, [1, 3], mode="bm25")
-    hybrid = recall_at_k(store, questions, [1, 3], mode="hybrid")
-    assert hybrid[1] >= dense[1] + 2 / answerable - 1e-9
-    assert hybrid[1] > bm25[1] and hybrid[3] >= dense[3] >= bm25[3]
-    assert mean_reciprocal_rank(store, questions, mode="hybrid") > mean_reciprocal_rank(
-        store, questions, mode="dense"
-    )
-
-
-@pytest.mark.slow
-def test_hybrid_beats_dense_at_recall_1_again_on_the_third_held_out_set(store):
-    # Written by another author after the second set was measured, committed before any
-    # retrieval ran on it. Measured (30 answerable): recall@1 dense 25, bm25 23, hybrid 27;
-    # recall@3 dense 30, hybrid 29; MRR dense 0.911, hybrid 0.940. Hybrid wins 4 at rank 1
-    # (exact terms: "Glowline 60 W", "19:00", ...) and loses 2 (paraphrases BM25 finds
-    # nothing for), as on the second set.
-    questions = load_questions(HELDOUT3_QUESTIONS)
+@pytest.mark.parametrize("path", [HELDOUT2_QUESTIONS, HELDOUT3_QUESTIONS], ids=["second", "third"])
+def test_hybrid_beats_dense_at_recall_1_on_the_later_held_out_sets(store, path):
+    questions = load_questions(path)
     answerable = sum(q.answerable for q in questions)
     dense = recall_at_k(store, questions, [1, 3], mode="dense")
     hybrid = recall_at_k(store, questions, [1, 3], mode="hybrid")
     assert hybrid[1] >= dense[1] + 2 / answerable - 1e-9
     assert hybrid[1] > recall_at_k(store, questions, [1], mode="bm25")[1]
+    assert hybrid[3] >= dense[3] - 1 / answerable - 1e-9
     assert mean_reciprocal_rank(store, questions, mode="hybrid") > mean_reciprocal_rank(
         store, questions, mode="dense"
     )
