@@ -16,19 +16,21 @@ as in the paper: a document high in both lists beats one first in only one.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
+from typing import TypeVar
 
 RRF_K = 60
+Id = TypeVar("Id", bound=Hashable)
 
 
 def reciprocal_rank_fusion(
-    rankings: Sequence[Sequence[str]], k: int = RRF_K
-) -> list[tuple[str, float]]:
+    rankings: Sequence[Sequence[Id]], k: int = RRF_K
+) -> list[tuple[Id, float]]:
     """Fuse rankings (ids, best first) into one: ``(id, fused score)``, best first.
 
     Ties keep the order in which the ids were first seen (the first ranking first).
     """
-    scores: dict[str, float] = {}
+    scores: dict[Id, float] = {}
     for ranking in rankings:
         for rank, doc_id in enumerate(ranking, start=1):
             scores[doc_id] = scores.get(doc_id, 0.0) + 1.0 / (k + rank)

@@ -16,6 +16,10 @@ Retrieval modes: ``dense`` (the embeddings, by cosine similarity), ``bm25`` (key
 ``llmlab.rag.hybrid``) and ``hybrid`` (both rankings merged by reciprocal rank fusion).
 Every hit's ``score`` is its cosine similarity whatever the mode, so one relevance
 threshold works for all three.
+
+Chroma holds the collection; searches rank a copy of it in memory (``llmlab.rag.snapshot``:
+exact cosine over every chunk), which is saved next to the store after each ingestion, so
+a new process can search without importing chromadb.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llmlab.rag import snapshot
 from llmlab.rag.embeddings import Embedder, get_embedder
 from llmlab.rag.errors import (
     EmbeddingModelMismatchError,
@@ -295,6 +300,7 @@ def remove_collection(name: str, db_dir: str | Path | None = None) -> int:
     _require(client, name)
     count = client.get_collection(name).count()
     client.delete_collection(name)
+    snapshot.discard(Path(db_dir) if db_dir else default_db_dir(), name)
     return count
 
 
@@ -362,37 +368,72 @@ class DocumentStore:
         retrieval: str = "dense",
     ):
         self.retrieval = _check_mode(retrieval)
-        self._bm25: tuple[int, BM25Index] | None = None  # (chunk count, index)
         self.name = check_name(collection)
         self.db_dir = Path(db_dir) if db_dir else default_db_dir()
-        self.client = open_client(self.db_dir)
-        if self.name in collection_names(self.client):
-            self.collection = self.client.get_collection(self.name)
-            built_with = (self.collection.metadata or {}).get("embedding_model")
-            if embedder is None:
-                embedder = get_embedder(built_with)
-            elif built_with and built_with != embedder.name:
-                raise EmbeddingModelMismatchError(
-                    f"Collection {self.name!r} was built with {built_with}, not {embedder.name}; "
-                    "vectors of different models cannot be compared. Use that model, or another "
-                    "collection."
-                )
+        self._client: Any = None
+        self._collection: Any = None
+        # A saved table that is current needs no chromadb at all (see llmlab.rag.snapshot).
+        version = None if create else snapshot.store_version(self.db_dir, self.name)
+        self._table = snapshot.load(self.db_dir, self.name, version)
+        if self._table is not None:
+            built_with = self._table.embedding_model
+        elif self.name in collection_names(self.client):
+            self._collection = self.client.get_collection(self.name)
+            built_with = (self._collection.metadata or {}).get("embedding_model")
         elif create:
             embedder = embedder or get_embedder()
-            self.collection = self.client.create_collection(
-                self.name, metadata={"hnsw:space": "cosine", "embedding_model": embedder.name}
+            built_with = embedder.name
+            self._collection = self.client.create_collection(
+                self.name, metadata={"hnsw:space": "cosine", "embedding_model": built_with}
             )
         else:
             _require(self.client, self.name)
+        if embedder is None:
+            embedder = get_embedder(built_with)
+        elif built_with and built_with != embedder.name:
+            raise EmbeddingModelMismatchError(
+                f"Collection {self.name!r} was built with {built_with}, not {embedder.name}; "
+                "vectors of different models cannot be compared. Use that model, or another "
+                "collection."
+            )
         self.embedder = embedder
+
+    @property
+    def client(self) -> Any:
+        """The Chroma client, opened on first use (a search from a saved table needs none)."""
+        if self._client is None:
+            self._client = open_client(self.db_dir)
+        return self._client
+
+    @property
+    def collection(self) -> Any:
+        """The Chroma collection, opened on first use."""
+        if self._collection is None:
+            _require(self.client, self.name)
+            self._collection = self.client.get_collection(self.name)
+        return self._collection
+
+    def chunk_table(self) -> snapshot.ChunkTable:
+        """Every chunk with its vector as of now: the table in memory or saved next to the
+        store if the store has not been written since it was built, else read from Chroma
+        (and saved for the next process)."""
+        version = snapshot.store_version(self.db_dir, self.name)
+        table = self._table
+        if table is None or version is None or table.version != version:
+            table = snapshot.load(self.db_dir, self.name, version)
+        if table is None:
+            table = snapshot.ChunkTable.from_collection(self.collection, version)
+            snapshot.save(self.db_dir, self.name, table)
+        self._table = table
+        return table
 
     def count(self) -> int:
         """Number of chunks stored."""
-        return self.collection.count()
+        return len(self.chunk_table())
 
     def require_chunks(self) -> int:
         """Return the chunk count, or raise EmptyCollectionError (with the command to fix it) if 0."""
-        count = self.count()
+        count = len(self.chunk_table())
         if count == 0:
             raise EmptyCollectionError(
                 f"Collection {self.name!r} is empty. Add documents first: "
@@ -451,9 +492,8 @@ class DocumentStore:
         except KeyboardInterrupt as exc:
             report.seconds = time.perf_counter() - started
             raise IngestInterrupted(report) from exc
-        finally:
-            self._bm25 = None  # chunks may have been replaced with the count unchanged
         report.seconds = time.perf_counter() - started
+        self.chunk_table()  # saved now, so the next search in a new process needs no chromadb
         return report
 
     def _prune(
@@ -542,65 +582,38 @@ class DocumentStore:
             ValueError: an unknown mode.
         """
         mode = _check_mode(mode or self.retrieval)
-        count = self.require_chunks()
+        self.require_chunks()
+        table = self.chunk_table()  # the same table: the version is read again, a millisecond
         if not query.strip():
             raise RagError("The question is empty. Type a question about your documents.")
-        vector = self.embedder.embed_query(query)
+        scores = table.scores(self.embedder.embed_query(query))
         if mode == "dense":
-            return self._dense(vector, min(top_k, count))
-        lexical = [chunk_id for chunk_id, _ in self.bm25_index().search(query, FUSION_DEPTH)]
+            return self._hits(table, table.best(scores, top_k), scores)
+        lexical = [table.row_of[i] for i, _ in table.bm25.search(query, FUSION_DEPTH)]
         if mode == "bm25":
-            return self._hits(lexical[:top_k], vector)
-        dense = [hit.chunk_id for hit in self._dense(vector, min(FUSION_DEPTH, count))]
-        fused = [chunk_id for chunk_id, _ in reciprocal_rank_fusion([dense, lexical])]
-        return self._hits(fused[:top_k], vector)
+            return self._hits(table, lexical[:top_k], scores)
+        dense = table.best(scores, FUSION_DEPTH)
+        fused = [row for row, _ in reciprocal_rank_fusion([dense, lexical])]
+        return self._hits(table, fused[:top_k], scores)
 
-    def _dense(self, vector: list[float], n: int) -> list[Hit]:
-        result = self.collection.query(
-            query_embeddings=[vector],
-            n_results=max(1, n),
-            include=["documents", "metadatas", "distances"],
-        )
+    @staticmethod
+    def _hits(table: snapshot.ChunkTable, rows: list[int], scores: Any) -> list[Hit]:
+        """The chunks in ``rows``, in that order, each with its cosine similarity."""
         return [
             Hit(
-                text, meta["source"], meta.get("location", ""), 1.0 - float(distance), dict(meta), i
+                table.texts[row],
+                table.metadatas[row]["source"],
+                table.metadatas[row].get("location", ""),
+                float(scores[row]),
+                dict(table.metadatas[row]),
+                table.ids[row],
             )
-            for i, text, meta, distance in zip(
-                result["ids"][0],
-                result["documents"][0],
-                result["metadatas"][0],
-                result["distances"][0],
-                strict=True,
-            )
+            for row in rows
         ]
 
-    def _hits(self, ids: list[str], vector: list[float]) -> list[Hit]:
-        """The chunks ``ids`` in that order, each scored by cosine similarity to ``vector``."""
-        if not ids:
-            return []
-        data = self.collection.get(ids=ids, include=["documents", "metadatas", "embeddings"])
-        rows = {
-            i: (text, meta, emb)
-            for i, text, meta, emb in zip(
-                data["ids"], data["documents"], data["metadatas"], data["embeddings"], strict=True
-            )
-        }
-        hits = []
-        for i in ids:
-            text, meta, emb = rows[i]
-            score = sum(a * b for a, b in zip(vector, emb, strict=True))  # both of length 1
-            hits.append(
-                Hit(text, meta["source"], meta.get("location", ""), float(score), dict(meta), i)
-            )
-        return hits
-
     def bm25_index(self) -> BM25Index:
-        """The keyword index of every chunk, built on first use and again when the count changes."""
-        count = self.count()
-        if self._bm25 is None or self._bm25[0] != count:
-            data = self.collection.get(include=["documents"])
-            self._bm25 = (count, BM25Index(data["ids"], data["documents"] or []))
-        return self._bm25[1]
+        """The keyword index of every chunk (built on first use, again after any write)."""
+        return self.chunk_table().bm25
 
 
 def _check_mode(mode: str) -> str:

@@ -24,9 +24,12 @@ def test_quick_run_reports_ingestion_and_latencies():
     ):
         assert by_case[case].baseline == "retrieval (top 3)"
         assert by_case[case].ratio is not None and by_case[case].value > 0
+    chroma = by_case["document_qa.py search, new process, onnxruntime, store read through chromadb"]
+    assert chroma.baseline == "document_qa.py search, new process, sentence-transformers"
+    assert chroma.ratio is not None and chroma.value > 0 and "no torch import" in chroma.note
     onnx = by_case["document_qa.py search, new process, onnxruntime"]
-    assert onnx.baseline == "document_qa.py search, new process, sentence-transformers"
-    assert onnx.ratio is not None and onnx.value > 0 and "no torch import" in onnx.note
+    assert onnx.baseline == chroma.case
+    assert onnx.ratio is not None and onnx.value > 0 and "no chromadb import" in onnx.note
     further = by_case["document_qa.py search, one process, each further query"]
     assert further.baseline == onnx.case and further.ratio is not None
     assert "after the first" in further.note
