@@ -304,12 +304,22 @@ class Engine:
 
     # --- submission ------------------------------------------------------------------
 
-    def submit(self, request: Request, on_chunk: Callable[[Chunk], None] | None = None) -> Handle:
+    def submit(
+        self,
+        request: Request,
+        on_chunk: Callable[[Chunk], None] | None = None,
+        *,
+        check_prompt: Callable[[list[int]], None] | None = None,
+    ) -> Handle:
         """Queue ``request``; returns at once with a :class:`Handle`.
 
         ``on_chunk`` is called on the engine thread with every chunk (keep it quick); if it
         raises, this request ends with an :class:`EngineError` and the others go on. It may
         submit more requests.
+
+        ``check_prompt`` is called with the prompt's token ids before the request is
+        queued; whatever it raises refuses the request (a server checks its own limits
+        there, so a prompt is rendered and tokenized once).
 
         Raises:
             QueueFullError: ``max_queue`` requests are already waiting.
@@ -319,10 +329,15 @@ class Engine:
                 ``logprobs`` outside 0..20, or a ``lora`` adapter the engine has not loaded;
                 checked here, because on the decode thread it would stop every request.
         """
-        return self.submit_choices(request, 1, on_chunk)[0]
+        return self.submit_choices(request, 1, on_chunk, check_prompt=check_prompt)[0]
 
     def submit_choices(
-        self, request: Request, n: int, on_chunk: Callable[[Chunk], None] | None = None
+        self,
+        request: Request,
+        n: int,
+        on_chunk: Callable[[Chunk], None] | None = None,
+        *,
+        check_prompt: Callable[[list[int]], None] | None = None,
     ) -> list[Handle]:
         """Queue ``n`` choices of one request (OpenAI's ``n``): one handle per choice.
 
@@ -330,7 +345,8 @@ class Engine:
         sequences, so it costs one prefill, not ``n``. Choice ``i`` samples with ``seed + i``
         when the request has a seed (greedy choices are all the same text). The group waits
         until ``n`` slots are free; cancelling one handle leaves the others running.
-        ``on_chunk`` gets every choice's chunks; ``chunk.index`` says whose.
+        ``on_chunk`` gets every choice's chunks; ``chunk.index`` says whose;
+        ``check_prompt`` is as in :meth:`submit`, called once for the group.
 
         Raises:
             ValueError: ``n`` is below 1 or above ``parallel``; and as :meth:`submit`.
@@ -347,6 +363,8 @@ class Engine:
             tokens = self._prompt_tokens(request)
             if not tokens:
                 raise ValueError("the prompt is empty")
+            if check_prompt is not None:
+                check_prompt(tokens)
             if len(tokens) + request.params.max_tokens > self.n_ctx:
                 raise ContextOverflowError(len(tokens), request.params.max_tokens, self.n_ctx)
             params = [request.params] * n

@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from fastapi import Request
-from fastapi.concurrency import run_in_threadpool
 from sse_starlette import EventSourceResponse
 
 from llmlab import structured
@@ -249,8 +248,8 @@ def _grammar(make: Any, param: str) -> str:
 
 
 async def start_chat(service: ModelService, job: ChatJob, param: str = "messages") -> Generation:
-    """Check the prompt against the limits (tokenized in a worker thread) and queue the job
-    (its first choice: the Responses API has one)."""
+    """Queue the job, its prompt checked against the limits once tokenized in a worker
+    thread (its first choice: the Responses API has one)."""
     return (await start_choices(service, job, param))[0]
 
 
@@ -258,13 +257,12 @@ async def start_choices(
     service: ModelService, job: ChatJob, param: str = "messages"
 ) -> list[Generation]:
     """As :func:`start_chat`, for every choice of the job (``job.options.n``)."""
-    ids = await run_in_threadpool(service.prompt_ids, job.messages, tools=job.template_tools)
-    service.check_limits(len(ids), job.params.max_tokens, param)
     return await service.submit_choices(
         messages=job.messages,
         params=job.params,
         grammar=job.grammar,
         tools=job.template_tools,
+        param=param,
         **vars(job.options),
     )
 
@@ -272,16 +270,16 @@ async def start_choices(
 async def start_completions(
     service: ModelService, prompts: list[str], params: GenerationParams, options: Options
 ) -> list[list[Generation]]:
-    """Check raw-text prompts against the limits and queue ``options.n`` choices of each
-    (one list per prompt); if one cannot be queued, those already queued are cancelled."""
-    for prompt in prompts:
-        ids = await run_in_threadpool(service.prompt_ids, prompt=prompt)
-        service.check_limits(len(ids), params.max_tokens, "prompt")
+    """Queue ``options.n`` choices of each raw-text prompt (one list per prompt), each
+    checked against the limits once tokenized; if one is refused or cannot be queued,
+    those already queued are cancelled."""
     groups: list[list[Generation]] = []
     try:
         for prompt in prompts:
             groups.append(
-                await service.submit_choices(prompt=prompt, params=params, **vars(options))
+                await service.submit_choices(
+                    prompt=prompt, params=params, param="prompt", **vars(options)
+                )
             )
     except APIError:
         for generation in (g for group in groups for g in group):

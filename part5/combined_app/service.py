@@ -329,23 +329,6 @@ class ModelService:
 
     # --- limits ---------------------------------------------------------------------
 
-    def prompt_ids(
-        self,
-        messages: list[Message] | None = None,
-        prompt: str | None = None,
-        tools: list[dict] | None = None,
-    ) -> list[int]:
-        """Token ids the model will read for ``messages`` (chat template, given ``tools``
-        when it renders them) or a raw ``prompt``.
-
-        Blocking (it waits for a decode step): routes call it with ``run_in_threadpool``.
-        """
-        request = Request(messages=messages, prompt=prompt, tools=tools)
-        try:
-            return self.require_ready().prompt_tokens(request)
-        except EngineError as exc:  # closed under us: a reload has begun
-            raise self.unavailable(exc) from exc
-
     def tokenize(self, text: str, add_special: bool, parse_special: bool) -> list[int]:
         """Token ids of ``text`` with the model's tokenizer (llama.cpp's ``/tokenize`` rules:
         ``add_special`` adds BOS/EOS where the model wants them, ``parse_special`` reads
@@ -440,10 +423,12 @@ class ModelService:
         logprobs: int | None = None,
         lora: dict[str, float] | None = None,
         tools: list[dict] | None = None,
+        param: str = "messages",
     ) -> list[Generation]:
         """Queue ``n`` choices of one prompt (prefilled once), one :class:`Generation` each,
         with ``logprobs``, ``lora`` adapters and template ``tools`` as
-        :class:`llmlab.engine.Request` takes them; errors as :meth:`submit`."""
+        :class:`llmlab.engine.Request` takes them; errors as :meth:`submit`. The prompt is
+        checked against :meth:`check_limits` (a 400 naming ``param``) once tokenized."""
         engine = self.require_ready()
         generations = [Generation(self._mailbox()) for _ in range(n)]
         request = Request(
@@ -459,8 +444,13 @@ class ModelService:
         def on_chunk(chunk: Chunk) -> None:
             generations[chunk.index]._put(chunk)
 
+        def check_prompt(ids: list[int]) -> None:
+            self.check_limits(len(ids), params.max_tokens, param)
+
         try:
-            handles = await run_in_threadpool(engine.submit_choices, request, n, on_chunk=on_chunk)
+            handles = await run_in_threadpool(
+                engine.submit_choices, request, n, on_chunk=on_chunk, check_prompt=check_prompt
+            )
         except ContextOverflowError as exc:
             raise _as_api_error(exc) from exc
         except ValueError as exc:  # an empty prompt

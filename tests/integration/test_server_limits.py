@@ -89,6 +89,26 @@ def test_a_prompt_over_the_token_limit_is_400(guarded):
     assert err.value.code == "context_length_exceeded" and "60" in err.value.body["message"]
 
 
+def test_a_chat_prompt_is_rendered_once_for_the_limit_check_and_the_engine(guarded, monkeypatch):
+    from llmlab.engine import Engine
+
+    rendered: list[list[dict]] = []
+    original = Engine.apply_chat_template
+
+    def counting(self, messages, tools=None):
+        rendered.append(messages)
+        return original(self, messages, tools)
+
+    monkeypatch.setattr(Engine, "apply_chat_template", counting)
+    client = OpenAI(base_url=f"{guarded}/v1", api_key="s3cret", max_retries=0)
+    client.chat.completions.create(model="smollm2-135m-instruct", messages=HELLO, max_tokens=2)
+    assert len(rendered) == 1
+    long = [{"role": "user", "content": "apple " * 100}]
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="smollm2-135m-instruct", messages=long, max_tokens=2)
+    assert len(rendered) == 2
+
+
 @pytest.fixture(scope="module")
 def tiny_queue(tmp_path_factory):
     settings = ServerSettings(

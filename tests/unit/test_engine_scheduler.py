@@ -349,6 +349,26 @@ def test_the_engine_runs_on_the_fake_context_and_closes_it_once():
         engine.submit(Request.completion("abc", max_tokens=1))
 
 
+def test_check_prompt_sees_the_token_ids_once_and_can_refuse_the_request():
+    ctx = FakeContext()
+    seen: list[list[int]] = []
+
+    def at_most_three(ids: list[int]) -> None:
+        seen.append(ids)
+        if len(ids) > 3:
+            raise OverflowError(f"{len(ids)} tokens")
+
+    with Engine(context=ctx, parallel=2, n_ctx=64) as engine:
+        ok = engine.submit_choices(
+            Request.completion("abc", max_tokens=2, temperature=0), 2, check_prompt=at_most_three
+        )
+        assert [h.result(10).text for h in ok] == ["de", "de"]
+        assert seen == [engine.tokenize("abc")]
+        with pytest.raises(OverflowError, match="4 tokens"):
+            engine.submit(Request.completion("abcd", max_tokens=2), check_prompt=at_most_three)
+        assert len(seen) == 2 and engine.queued == 0 and engine.active == 0
+
+
 def test_an_engine_whose_decode_failed_says_why_and_still_closes():
     ctx = FakeContext(fail_at=0)
     told: list[EngineError] = []
