@@ -25,7 +25,6 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from llmlab import registry
 from llmlab.backends.base import BackendError, ContextOverflowError
@@ -211,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def cmd_ingest(args: argparse.Namespace, console: Console) -> int:
     """Ingest files with a progress bar (plain lines when piped) and print the summary."""
+    # Imported here: a one-shot search waits for every import at the top of this file.
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     # Check everything before the store is touched, so a typo changes nothing.
     make_splitter(".txt", args.chunk_size, args.chunk_overlap)
     files = find_files(args.paths)
