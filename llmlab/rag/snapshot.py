@@ -91,7 +91,7 @@ class ChunkTable:
 
     def scores(self, vector: Any) -> np.ndarray:
         """Cosine similarity of each chunk to a unit-length query vector."""
-        return self.vectors.astype(np.float64) @ np.asarray(vector, dtype=np.float64)
+        return self.vectors @ np.asarray(vector, dtype=np.float32)
 
     @staticmethod
     def best(scores: np.ndarray, n: int) -> list[int]:
