@@ -433,13 +433,16 @@ class DocumentStore:
 
     def require_chunks(self) -> int:
         """Return the chunk count, or raise EmptyCollectionError (with the command to fix it) if 0."""
-        count = len(self.chunk_table())
-        if count == 0:
+        return len(self._nonempty_table())
+
+    def _nonempty_table(self) -> snapshot.ChunkTable:
+        table = self.chunk_table()
+        if not len(table):
             raise EmptyCollectionError(
                 f"Collection {self.name!r} is empty. Add documents first: "
                 f"python part3/document_qa.py ingest PATH --collection {self.name}"
             )
-        return count
+        return table
 
     def sources(self) -> dict[str, dict[str, Any]]:
         """Stored files: ``{source: {"file_hash", "chunking", "ids"}}``."""
@@ -582,8 +585,7 @@ class DocumentStore:
             ValueError: an unknown mode.
         """
         mode = _check_mode(mode or self.retrieval)
-        self.require_chunks()
-        table = self.chunk_table()  # the same table: the version is read again, a millisecond
+        table = self._nonempty_table()
         if not query.strip():
             raise RagError("The question is empty. Type a question about your documents.")
         scores = table.scores(self.embedder.embed_query(query))
