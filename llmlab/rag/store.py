@@ -47,7 +47,7 @@ from llmlab.rag.errors import (
     UnknownCollectionError,
     UnreadableFileError,
 )
-from llmlab.rag.hybrid import BM25Index, reciprocal_rank_fusion
+from llmlab.rag.hybrid import reciprocal_rank_fusion
 from llmlab.rag.loaders import file_hash, find_files, load_file
 from llmlab.rag.splitting import DEFAULT_CHUNK_OVERLAP, DEFAULT_CHUNK_SIZE, TextChunk, split_units
 from llmlab.settings import get_settings
@@ -601,21 +601,15 @@ class DocumentStore:
     @staticmethod
     def _hits(table: snapshot.ChunkTable, rows: list[int], scores: Any) -> list[Hit]:
         """The chunks in ``rows``, in that order, each with its cosine similarity."""
-        return [
-            Hit(
-                table.texts[row],
-                table.metadatas[row]["source"],
-                table.metadatas[row].get("location", ""),
-                float(scores[row]),
-                dict(table.metadatas[row]),
-                table.ids[row],
+        hits = []
+        for row in rows:
+            meta = table.metadatas[row]
+            text, chunk_id = table.texts[row], table.ids[row]
+            score = float(scores[row])
+            hits.append(
+                Hit(text, meta["source"], meta.get("location", ""), score, dict(meta), chunk_id)
             )
-            for row in rows
-        ]
-
-    def bm25_index(self) -> BM25Index:
-        """The keyword index of every chunk (built on first use, again after any write)."""
-        return self.chunk_table().bm25
+        return hits
 
 
 def _check_mode(mode: str) -> str:
