@@ -55,8 +55,9 @@ starves), and a cached prefix is only reused under the adapters it was computed 
 
 Prefill: by default a waiting prompt is *mixed* into the decode steps, as llama.cpp's server
 does: each ``llama_decode`` carries the next token of every running sequence plus up to
-``prefill_chunk`` prompt tokens, so an arriving request lengthens the running streams' steps
-a little instead of pausing them for its whole prefill. ``Engine(deterministic=True)``
+``prefill_chunk`` prompt tokens (up to ``n_batch`` while none is running), so an arriving
+request lengthens the running streams' steps a little instead of pausing them for its whole
+prefill. ``Engine(deterministic=True)``
 prefills each prompt alone instead, and then greedy output (``temperature=0``) is bit-for-bit
 the same whether a request runs alone or beside others: each sequence has its own KV stream
 (``kv_unified=False``) and a prompt's chunks never depend on its neighbours. (With one KV
@@ -71,7 +72,9 @@ round differently: with SmolLM2-135M, 9 of 16 greedy 32-token replies differed s
 between them, so both sides must use the same one.
 
 The parts: :mod:`llmlab.engine.context` wraps llama.cpp (model, tokens, template, decode,
-logits, KV memory, adapters); :mod:`llmlab.engine.scheduler` holds the queue and slots and
+logits, KV memory, adapters) and keeps its ggml worker threads for the context's life
+(:mod:`llmlab.engine.threadpool`, as llama.cpp's server does, instead of ggml starting and
+joining them in every decode); :mod:`llmlab.engine.scheduler` holds the queue and slots and
 runs the steps, reaching the model only through a small ``Context`` interface (tests drive
 it with a fake model, ``tests/unit/test_engine_scheduler.py``) and a per-sequence
 ``Sampler``: :class:`llmlab.sampling.SlotSampler`, llama.cpp's own sampler chain (repeat

@@ -19,6 +19,7 @@ from llmlab import registry
 from llmlab.backends.base import GenerationParams, Message
 from llmlab.backends.llamacpp import gguf_chat_formatter, load_error
 from llmlab.engine.requests import AdapterSet, EngineError
+from llmlab.engine.threadpool import ThreadPool
 from llmlab.sampling import SlotSampler
 
 Entry = tuple[int, int, int, bool]  # (token, position, seq_id, wants_logits)
@@ -88,6 +89,9 @@ class LlamaContext:
                 f"llama.cpp could not create a context of {n_ctx} x {parallel} tokens; "
                 "lower --parallel or LLMLAB_N_CTX."
             )
+        # Worker threads kept for the context's life, as llama.cpp's server keeps them,
+        # instead of ggml starting and joining them in every decode (None: not in this build).
+        self._pool = ThreadPool.attach(self._ctx, threads)
         self._memory = ll.llama_get_memory(self._ctx)
         self._vocab = ll.llama_model_get_vocab(self._model)
         self.n_vocab = ll.llama_vocab_n_tokens(self._vocab)
@@ -127,9 +131,11 @@ class LlamaContext:
         self._ll.llama_model_free(self._model)
 
     def close(self) -> None:
-        """Free the batch, the context, the adapters and the model (call once)."""
+        """Free the batch, the context, its thread pool, the adapters and the model (call once)."""
         self._ll.llama_batch_free(self._batch)
         self._ll.llama_free(self._ctx)
+        if self._pool is not None:
+            self._pool.free()
         self._free_model()
 
     # --- text ------------------------------------------------------------------------

@@ -38,7 +38,9 @@ class Engine:
     - mixed (the default, as llama.cpp's server does): each ``llama_decode`` carries the
       next token of every running sequence plus up to ``prefill_chunk`` tokens of waiting
       prompts, so a new request costs the running streams a slightly longer step, not a
-      pause for its whole prefill, and a long prompt goes in over several steps. Greedy
+      pause for its whole prefill, and a long prompt goes in over several steps. While
+      no sequence is running there is nobody to hold up, so a step then takes up to
+      ``n_batch`` prompt tokens (a burst of requests is prefilled together). Greedy
       text stays valid text of the requested length, but it is not promised to be
       bit-identical alone and beside others: a prompt's chunks fall differently depending
       on its neighbours, and the kernels may round differently for other batch shapes.

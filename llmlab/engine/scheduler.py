@@ -172,7 +172,8 @@ class Scheduler:
         parallel: slots (sequences decoded together).
         n_batch: most entries one decode may carry.
         prefill_chunk: mixed mode: most prompt tokens one step carries beside the running
-            sequences' next tokens (at most ``n_batch - parallel``).
+            sequences' next tokens (at most ``n_batch - parallel``); with none running, a
+            step carries up to ``n_batch`` prompt tokens.
         deterministic: prefill each prompt alone in ``n_batch`` chunks while running
             sequences wait, so no sequence's numbers depend on its neighbours.
         max_queue: requests (choices) allowed to wait before :meth:`enqueue` refuses.
@@ -436,7 +437,8 @@ class Scheduler:
     def _step(self) -> None:
         """One decode. Deterministic mode: a waiting prompt chunk alone, else the next token
         of every running sequence of one adapter set. Mixed mode: those tokens plus up to
-        ``prefill_chunk`` waiting prompt tokens of the same adapter set, in one decode."""
+        ``prefill_chunk`` waiting prompt tokens of the same adapter set, in one decode (up
+        to ``n_batch`` prompt tokens when no sequence is running)."""
         if self.deterministic:
             prefill = min(
                 (s for s in self._slots if s is not None and s.prefilling),
@@ -460,7 +462,13 @@ class Scheduler:
         group = groups[self._last_group]
         running = [s for s in group if s.next_token is not None]
         prefilling = sorted((s for s in group if s.prefilling), key=lambda s: s.order)
-        self._run_step(running, prefilling, 0 if self.deterministic else self.prefill_chunk)
+        if self.deterministic:
+            budget = 0
+        elif any(s.next_token is not None for s in ready):
+            budget = self.prefill_chunk  # bounded: running streams wait for this step
+        else:
+            budget = self.n_batch  # no stream to hold up: prompts go in as fast as they can
+        self._run_step(running, prefilling, budget)
 
     def _run_step(self, running: list[_Sequence], prefilling: list[_Sequence], budget: int) -> None:
         """Decode the next token of each of ``running`` and up to ``budget`` prompt tokens of

@@ -249,6 +249,22 @@ def test_mixed_prefill_shares_one_steps_budget_among_waiting_prompts_in_order():
     assert (text(first), text(second)) == ("FGH", "[\\]")
 
 
+def test_mixed_prefill_with_no_stream_running_takes_prompts_in_n_batch_steps():
+    ctx = FakeContext()
+    sched = scheduler(ctx, parallel=2, n_batch=16, prefill_chunk=4)
+    first, second = handle("ABCDEFGHIJ"), handle("KLMNOPQRSTUVWXYZ")  # 10 + 16 tokens
+    sched.enqueue([first])
+    sched.enqueue([second])
+    sched.run_once()
+    # Nobody streams yet, so nobody waits: the first step is filled to n_batch, not to 4.
+    assert [len(ctx.calls[0]), seqs_in(ctx.calls[0])] == [16, {0, 1}]
+    sched.run_once()
+    # Now the first one streams: its next token, and the rest of the second prompt in 4s.
+    assert [sum(1 for *_, seq, _ in ctx.calls[1] if seq == s) for s in (0, 1)] == [1, 4]
+    run(sched)
+    assert (text(first), text(second)) == ("KLM", "[\\]")
+
+
 def test_deterministic_mode_prefills_a_prompt_alone_while_the_others_wait():
     ctx = FakeContext()
     sched = scheduler(ctx, parallel=2, n_batch=16, prefill_chunk=8, deterministic=True)
