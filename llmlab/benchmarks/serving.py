@@ -15,7 +15,10 @@ Reported side by side, in one run:
   the serving targets name: the lab at 8 clients over the lab at 1 (the batching gain,
   target 2x) and the lab over ``llama-server`` at 1 client (target 0.95x) and 8 (1.1x),
 * p50 and p95 time to first token,
-* failed requests (target: none, also at 16 clients, twice the slots).
+* failed requests (target: none, also at 16 clients, twice the slots),
+* one client on a lab server that sends an event per token (``--stream-interval 0``, as
+  llama-server does) beside llama-server again, since by default the lab's server sends the
+  tokens of each 20 ms as one event.
 
 ``quick=True`` uses 1 and 2 clients and tiny replies, only to check that the suite runs;
 it measures ``llama-server`` only if one is already built (it never builds one).
@@ -317,6 +320,23 @@ def rows_for(
     return rows
 
 
+PER_TOKEN = "lab server, an event per token (--stream-interval 0)"
+
+
+def per_token_rows(lab_url: str, ref_url: str, load: Load, model: str) -> list[Row]:
+    """One client on a lab server that sends an event per token, as llama-server does (the
+    default sends the tokens of each ``--stream-interval`` as one), beside llama-server again:
+    how much of the one-client ratio the interval accounts for."""
+    run_clients(lab_url, 1, 1, 4, model=model)  # first-request costs stay out of the figures
+    ref = run_clients(ref_url, 1, load.requests_for(1), load.max_tokens, model=model)
+    lab = run_clients(lab_url, 1, load.requests_for(1), load.max_tokens, model=model)
+    again = Row(SUITE, case(LLAMA, 1) + ", again", "aggregate tokens/s", ref.tokens_per_second,
+                "tok/s")  # fmt: skip
+    per_token = Row.compared(SUITE, case(PER_TOKEN, 1), "aggregate tokens/s",
+                             lab.tokens_per_second, "tok/s", again)  # fmt: skip
+    return [again, per_token]
+
+
 def reference_server(quick: bool):
     """The llama-server binary: in quick mode only one already there (None if not)."""
     from llmlab import llama_server
@@ -346,4 +366,6 @@ def run(quick: bool = False) -> list[Row]:
         print(f"   llama-server: {binary} on {path}")
         with llama_server_process(binary, path, load.slots, load.ctx, threads) as ref_url:
             lab, ref = measure_side_by_side(url, ref_url, load, model)
-    return rows_for(lab, ref, load)
+            with server_process(*lab_args, "--stream-interval", "0") as per_token_url:
+                extra = per_token_rows(per_token_url, ref_url, load, model)
+    return rows_for(lab, ref, load) + extra

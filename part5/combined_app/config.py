@@ -52,6 +52,13 @@ class ServerSettings(BaseSettings):
     cors_origins: list[str] = Field(
         default_factory=list, description="Browser origins allowed to call the API ('*': any)."
     )
+    stream_interval: float = Field(
+        0.02,
+        ge=0,
+        le=1,
+        description="Seconds between two events of a stream (the tokens decoded meanwhile go "
+        "as one); 0: an event per token.",
+    )
     queue_size: int = Field(16, ge=1, description="Requests that may wait for a free slot.")
     retry_after: int = Field(2, ge=1, description="Seconds a client is told to wait when full.")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest JSON request body.")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import math
 import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -52,19 +53,26 @@ ENGINE_POLL_SECONDS = 0.2  # how often a batch job waiting for a new engine look
 
 
 class Mailbox:
-    """Chunks from the engine thread to the event loop: one wake-up for all that wait.
+    """Chunks from the engine thread to the event loop: one wake-up for all that wait, and
+    at most one delivery per ``interval`` seconds.
 
     ``call_soon_threadsafe`` writes to the loop's self-pipe, and the woken loop then takes
     the GIL from the decode thread; one wake-up per token per stream cost the server half
     its single-stream speed once the kernel was fast. So chunks wait here, and the loop is
     woken once for every chunk of every stream that arrives before it runs (a decode step
-    of 8 sequences is one wake-up, not 8).
+    of 8 sequences is one wake-up, not 8). On top of that, a delivery comes no sooner than
+    ``interval`` after the previous one: each stream's chunks of that time reach the client
+    as one event, so the loop, the socket and the client each do their per-event work once
+    for several tokens (``interval=0``: every chunk as soon as the loop runs). A chunk that
+    arrives after a quiet ``interval`` (a first token, say) is delivered at once.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, interval: float = 0.0) -> None:
         self.loop = loop
+        self.interval = interval
         self._items: collections.deque[tuple[Generation, Chunk]] = collections.deque()
         self._woken = False  # a wake-up is on its way (set and cleared under the GIL)
+        self._delivered_at = -math.inf  # loop time of the last delivery
 
     def put(self, generation: Generation, chunk: Chunk) -> None:
         """Hand ``chunk`` to ``generation`` (called on the engine thread)."""
@@ -73,12 +81,20 @@ class Mailbox:
             return
         self._woken = True
         try:
-            self.loop.call_soon_threadsafe(self._deliver)
+            self.loop.call_soon_threadsafe(self._woke)
         except RuntimeError:  # the event loop has closed (server shutting down)
             generation.cancel()
 
+    def _woke(self) -> None:
+        wait = self._delivered_at + self.interval - self.loop.time()
+        if wait > 0:
+            self.loop.call_later(wait, self._deliver)
+        else:
+            self._deliver()
+
     def _deliver(self) -> None:
         self._woken = False
+        self._delivered_at = self.loop.time()
         while self._items:
             generation, chunk = self._items.popleft()
             generation._arrived(chunk)
@@ -475,7 +491,7 @@ class ModelService:
         """The mailbox of the running event loop (one for all of this service's requests)."""
         loop = asyncio.get_running_loop()
         if self._chunk_mailbox is None or self._chunk_mailbox.loop is not loop:
-            self._chunk_mailbox = Mailbox(loop)
+            self._chunk_mailbox = Mailbox(loop, self.settings.stream_interval)
         return self._chunk_mailbox
 
     def queue_depth(self) -> int:

@@ -138,3 +138,43 @@ def test_chunks_that_arrive_one_by_one_are_read_one_by_one():
 
     got = asyncio.run(main())
     assert "".join(got) == "abc" and len(got) >= 3
+
+
+def test_with_a_stream_interval_tokens_of_one_interval_go_as_one_event_and_a_first_at_once():
+    interval = 0.5
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        generation = Generation(Mailbox(loop, interval))
+        events: list[tuple[float, str]] = []
+
+        async def read():
+            async for chunk in generation:
+                events.append((loop.time(), chunk.text))
+
+        async def put(text: str, finish: str | None = None) -> float:
+            await asyncio.to_thread(generation._put, Chunk(text, finish))
+            return loop.time()
+
+        reader = asyncio.ensure_future(read())
+        first_put = await put("a")
+        while not events:
+            await asyncio.sleep(0.005)
+        await put("b")  # within the interval of "a": held back ...
+        await asyncio.sleep(0.05)
+        await put("c")  # ... together with this one
+        while len(events) < 2:
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(interval * 1.5)  # a quiet interval
+        quiet_put = await put("d")
+        while len(events) < 3:
+            await asyncio.sleep(0.005)
+        await put("", "stop")
+        await reader
+        return first_put, quiet_put, events
+
+    first_put, quiet_put, events = asyncio.run(main())
+    assert [text for _, text in events][:3] == ["a", "bc", "d"]
+    assert events[0][0] - first_put < interval / 2  # the first token is not held back
+    assert events[1][0] - events[0][0] >= interval * 0.9  # the next event waits its interval
+    assert events[2][0] - quiet_put < interval / 2  # after a quiet interval, at once

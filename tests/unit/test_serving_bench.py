@@ -79,3 +79,18 @@ def test_side_by_side_runs_each_count_on_both_servers_before_the_next(monkeypatc
     assert calls[:2] == [("ref", 1), ("lab", 1)]  # the warm-ups
     assert calls[2:] == [(url, n) for n in FULL.client_counts for url in ("ref", "lab")]
     assert lab[8].tokens == ref[8].tokens == 800
+
+
+def test_the_per_token_server_is_measured_against_llama_server_measured_again(monkeypatch):
+    calls = []
+
+    def fake_clients(url, clients, requests_each, max_tokens, model):
+        calls.append((url, clients, requests_each))
+        return result(clients, {"lab0": 90, "ref": 100}[url], 1.0)
+
+    monkeypatch.setattr(serving, "run_clients", fake_clients)
+    again, per_token = serving.per_token_rows("lab0", "ref", FULL, "m")
+    assert calls == [("lab0", 1, 1), ("ref", 1, 4), ("lab0", 1, 4)]  # warm-up, then the pair
+    assert (again.case, again.value) == ("llama-server, 1 client, again", 100)
+    assert per_token.case == "lab server, an event per token (--stream-interval 0), 1 client"
+    assert (per_token.baseline, per_token.ratio) == (again.case, 0.9)

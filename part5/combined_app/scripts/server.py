@@ -98,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--ctx", type=int, dest="n_ctx", help="context window per request in tokens"
     )
+    parser.add_argument(
+        "--stream-interval",
+        type=float,
+        metavar="SECONDS",
+        help="least time between two events of a stream; the tokens decoded meanwhile go as "
+        "one (default: 0.02; 0: an event per token)",
+    )
     parser.add_argument("--threads", type=int, help="CPU threads (default: every core)")
     parser.add_argument(
         "--max-tokens-limit", type=int, help="largest max_tokens allowed (default: 1024)"
