@@ -17,6 +17,12 @@ Then whole processes, as a user runs them (start-up, model load and writing incl
 format it picks, see :mod:`llmlab.registry.batch_format`) against a plain script that loops
 over llama-cpp-python on the shipped file and on the file ``batch_process.py`` chose.
 
+Last, what the kernels allow: ``llama_decode`` steps alone (no prompt, no sampling) of one
+sequence of the shipped file, and of one and ``parallel`` sequences of the chosen file.
+Their ratio bounds the whole-process gain over the shipped loop and the server's gain from
+1 client to 8 on this CPU (CPUs differ: on some, one Q4_1 sequence is so fast that 8 of
+Q8_0 give under 2x).
+
 Each side runs in a fresh process (:func:`llmlab.bench.isolated`), so no side inherits
 another's threads. Aggregate tokens/s is completion tokens over wall time, prompt prefill
 included. Greedy decoding makes every side generate nearly the same tokens (the two attention kernels
@@ -29,6 +35,7 @@ between consecutive calls. Each side gets a warm-up request first.
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 import tempfile
@@ -38,6 +45,7 @@ from pathlib import Path
 from llmlab import registry
 from llmlab.bench import Row, isolated, timer
 from llmlab.engine import Engine, Request
+from llmlab.registry import batch_format
 from llmlab.settings import get_settings
 
 SUITE = "batch"
@@ -137,6 +145,48 @@ def _engine(
         return t.seconds, sum(r.usage.completion_tokens for r in results)
 
 
+def bare_decode(spec, sequences: int, steps: int, threads: int) -> float:
+    """Tokens/s of ``llama_decode`` alone: ``steps`` steps of one token for each of
+    ``sequences`` sequences, no sampling, no prompt, through the engine's own context."""
+    from llmlab.engine.context import LlamaContext
+
+    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # as Engine does
+    ctx = LlamaContext(spec, parallel=sequences, n_ctx=N_CTX, n_batch=512, threads=threads,
+                       gpu_layers=0, flash_attn=True, adapters={})  # fmt: skip
+    try:
+        step = [(100 + s, 0, s, True) for s in range(sequences)]
+        ctx.decode(step, ())  # warm-up: the first step allocates
+        with timer() as t:
+            for position in range(1, steps + 1):
+                ctx.decode([(token, position, s, True) for token, _, s, _ in step], ())
+        return sequences * steps / t.seconds
+    finally:
+        ctx.close()
+
+
+def kernel_rows(shipped, chosen, parallel: int, threads: int, steps: int) -> list[Row]:
+    """What llama.cpp's kernels allow on this CPU: one sequence of the shipped file against
+    ``parallel`` sequences of the chosen file, decode steps alone (each in its own process).
+    Their ratio bounds what ``batch_process.py`` can gain over the plain loop on the shipped
+    file, and what the server gains from 1 client to ``parallel``."""
+    note = f"llama_decode alone, {steps} steps, {threads} threads, no prompt or sampling"
+
+    def row(spec, sequences: int, baseline: Row | None = None) -> Row:
+        case = f"decode steps alone, {batch_format.source_format(spec)}, "
+        case += f"{sequences} sequence{'s' if sequences > 1 else ''}"
+        value = isolated(bare_decode, spec, sequences, steps, threads)
+        if baseline is None:
+            return Row(SUITE, case, "aggregate", value, "tok/s", note=note)
+        return Row.compared(SUITE, case, "aggregate", value, "tok/s", baseline, note=note)
+
+    alone = row(shipped, 1)
+    rows = [alone]
+    if chosen.path != shipped.path:
+        rows.append(row(chosen, 1, alone))
+    rows.append(row(chosen, parallel, alone))
+    return rows
+
+
 def _timed(command: list[str]) -> tuple[float, str]:
     """Wall seconds of a whole process and its stdout; a failed run raises with its stderr."""
     started = time.perf_counter()
@@ -151,8 +201,6 @@ def whole_process_rows(chats: list, max_tokens: int, parallel: int, threads: int
     """``batch_process.py`` in its default configuration against plain-loop scripts over the
     shipped file and over the file it chose, each timed as a whole process on the same prompts.
     (With ``LLMLAB_EXACT_MODEL=1`` both are the shipped file, and it is looped over once.)"""
-    from llmlab.registry import batch_format
-
     shipped = registry.resolve()
     # Made (once) before the clock starts: a first run's quantizing is not the steady state.
     chosen = batch_format.choose(shipped, say=lambda message: None).spec
@@ -244,4 +292,7 @@ def run(quick: bool = False) -> list[Row]:
         note=note + " (the engine figure above, against the loop with flash attention)",
     )
     whole = whole_process_rows(chats, max_tokens, parallel, threads)
-    return [*rows, loop_fa, same_kernel, *whole]
+    shipped = registry.resolve()
+    chosen = batch_format.choose(shipped, say=lambda message: None).spec
+    kernels = kernel_rows(shipped, chosen, parallel, threads, steps=16 if quick else 128)
+    return [*rows, loop_fa, same_kernel, *whole, *kernels]

@@ -1,10 +1,10 @@
 """A persistent ggml CPU thread pool for one llama.cpp context, as llama.cpp's own programs use.
 
 Without one, ggml starts its worker threads at the beginning of every ``llama_decode`` and
-joins them at the end, so each step begins with cold threads that the scheduler must first
-place on a core. ``llama-server`` and ``llama-cli`` attach a pool made once
+joins them at the end, so each step begins with new threads that the operating system must
+first place on a core. ``llama-server`` and ``llama-cli`` attach a pool made once
 (``common_threadpools::init`` in llama.cpp's ``common/common.cpp``); llama-cpp-python has no
-binding for it, so this module reaches the three C functions through ctypes::
+binding for it, so this module reaches the four C functions through ctypes::
 
     pool = ThreadPool.attach(ctx, threads=2)   # None where the build does not export them
     ...

@@ -57,14 +57,14 @@ class Mailbox:
     at most one delivery per ``interval`` seconds.
 
     ``call_soon_threadsafe`` writes to the loop's self-pipe, and the woken loop then takes
-    the GIL from the decode thread; one wake-up per token per stream cost the server half
-    its single-stream speed once the kernel was fast. So chunks wait here, and the loop is
-    woken once for every chunk of every stream that arrives before it runs (a decode step
-    of 8 sequences is one wake-up, not 8). On top of that, a delivery comes no sooner than
-    ``interval`` after the previous one: each stream's chunks of that time reach the client
-    as one event, so the loop, the socket and the client each do their per-event work once
-    for several tokens (``interval=0``: every chunk as soon as the loop runs). A chunk that
-    arrives after a quiet ``interval`` (a first token, say) is delivered at once.
+    the GIL from the decode thread and a core from llama.cpp's threads. So chunks wait
+    here, and the loop is woken once for every chunk of every stream that arrives before it
+    runs (a decode step of 8 sequences is one wake-up, not 8). On top of that, a delivery
+    comes no sooner than ``interval`` after the previous one: each stream's chunks of that
+    time reach the client as one event, so the loop, the socket and the client each do
+    their per-event work once for several tokens (``interval=0``: every chunk as soon as
+    the loop runs). A chunk that arrives after a quiet ``interval`` (a first token, say) is
+    delivered at once.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, interval: float = 0.0) -> None:
