@@ -19,9 +19,9 @@ over llama-cpp-python on the shipped file and on the file ``batch_process.py`` c
 
 Last, what the kernels allow: ``llama_decode`` steps alone (no prompt, no sampling) of one
 sequence of the shipped file, and of one and ``parallel`` sequences of the chosen file.
-Their ratio bounds the whole-process gain over the shipped loop and the server's gain from
-1 client to 8 on this CPU (CPUs differ: on some, one Q4_1 sequence is so fast that 8 of
-Q8_0 give under 2x).
+They bound the whole-process gain over the shipped loop and the server's gain from 1
+client to 8 on this CPU (CPUs differ: on some, one sequence is so fast that 8 of Q8_0 per
+step give under 2x its tokens).
 
 Each side runs in a fresh process (:func:`llmlab.bench.isolated`), so no side inherits
 another's threads. Aggregate tokens/s is completion tokens over wall time, prompt prefill
@@ -165,10 +165,11 @@ def bare_decode(spec, sequences: int, steps: int, threads: int) -> float:
 
 
 def kernel_rows(shipped, chosen, parallel: int, threads: int, steps: int) -> list[Row]:
-    """What llama.cpp's kernels allow on this CPU: one sequence of the shipped file against
-    ``parallel`` sequences of the chosen file, decode steps alone (each in its own process).
-    Their ratio bounds what ``batch_process.py`` can gain over the plain loop on the shipped
-    file, and what the server gains from 1 client to ``parallel``."""
+    """What llama.cpp's kernels allow on this CPU: decode steps alone (each in its own
+    process) of one sequence of the shipped file, and of one and ``parallel`` sequences of
+    the chosen file. The last over the first bounds what ``batch_process.py`` can gain over
+    the plain loop on the shipped file; the last over the second, what the server (which
+    runs the chosen file) gains from 1 client to ``parallel``."""
     note = f"llama_decode alone, {steps} steps, {threads} threads, no prompt or sampling"
 
     def row(spec, sequences: int, baseline: Row | None = None) -> Row:
@@ -197,13 +198,13 @@ def _timed(command: list[str]) -> tuple[float, str]:
     return seconds, done.stdout
 
 
-def whole_process_rows(chats: list, max_tokens: int, parallel: int, threads: int) -> list[Row]:
+def whole_process_rows(
+    chats: list, max_tokens: int, parallel: int, threads: int, shipped, chosen
+) -> list[Row]:
     """``batch_process.py`` in its default configuration against plain-loop scripts over the
-    shipped file and over the file it chose, each timed as a whole process on the same prompts.
-    (With ``LLMLAB_EXACT_MODEL=1`` both are the shipped file, and it is looped over once.)"""
-    shipped = registry.resolve()
-    # Made (once) before the clock starts: a first run's quantizing is not the steady state.
-    chosen = batch_format.choose(shipped, say=lambda message: None).spec
+    ``shipped`` file and over the one it chose (``chosen``), each timed as a whole process on the
+    same prompts. (With ``LLMLAB_EXACT_MODEL=1`` both are the shipped file, and it is looped
+    over once.)"""
     note = f"{len(chats)} prompts x {max_tokens} new tokens, greedy, {threads} threads, "
     note += "whole process"
     with tempfile.TemporaryDirectory() as tmp:
@@ -291,8 +292,9 @@ def run(quick: bool = False) -> list[Row]:
         baseline=loop_fa,
         note=note + " (the engine figure above, against the loop with flash attention)",
     )
-    whole = whole_process_rows(chats, max_tokens, parallel, threads)
     shipped = registry.resolve()
+    # Made (once) before the clock starts: a first run's quantizing is not the steady state.
     chosen = batch_format.choose(shipped, say=lambda message: None).spec
+    whole = whole_process_rows(chats, max_tokens, parallel, threads, shipped, chosen)
     kernels = kernel_rows(shipped, chosen, parallel, threads, steps=16 if quick else 128)
     return [*rows, loop_fa, same_kernel, *whole, *kernels]
