@@ -201,10 +201,10 @@ def _timed(command: list[str]) -> tuple[float, str]:
 def whole_process_rows(
     chats: list, max_tokens: int, parallel: int, threads: int, shipped, chosen
 ) -> list[Row]:
-    """``batch_process.py`` in its default configuration against plain-loop scripts over the
-    ``shipped`` file and over the one it chose (``chosen``), each timed as a whole process on the
-    same prompts. (With ``LLMLAB_EXACT_MODEL=1`` both are the shipped file, and it is looped
-    over once.)"""
+    """``batch_process.py`` in its default configuration against plain-loop scripts over
+    the ``shipped`` file and over the one it chose (``chosen``), each timed as a whole
+    process on the same prompts. (With ``LLMLAB_EXACT_MODEL=1`` both are the shipped file,
+    and it is looped over once.)"""
     note = f"{len(chats)} prompts x {max_tokens} new tokens, greedy, {threads} threads, "
     note += "whole process"
     with tempfile.TemporaryDirectory() as tmp:
